@@ -1,0 +1,29 @@
+"""resilient-tasks: Celery tasks that survive the real world.
+
+Change one decorator and a task retries transient failures with proper backoff, keeping the
+story of every attempt::
+
+    from resilient_tasks import ResilientTask, RetryPolicy
+
+    @app.task(base=ResilientTask, bind=True,
+              retry_policy=RetryPolicy(retry_on=(ConnectionError,), max_attempts=5))
+    def sync_invoice(self, invoice_id): ...
+"""
+
+from __future__ import annotations
+
+from .exceptions import ConfigurationError, Permanent, RetryAfter
+from .policy import RetryPolicy
+from .retry import RetryMixin
+from .task import ResilientTask
+
+__all__ = [
+    "ConfigurationError",
+    "Permanent",
+    "ResilientTask",
+    "RetryAfter",
+    "RetryMixin",
+    "RetryPolicy",
+]
+
+__version__ = "0.1.0"

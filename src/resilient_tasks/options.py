@@ -1,0 +1,136 @@
+"""Validation of task options, run once when a task class is created.
+
+Each mixin validates the options it owns from its ``__init_subclass__``; the helpers here build
+the one kind of message they all raise: the task, the option, the value, and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+
+from .exceptions import ConfigurationError
+
+__all__ = [
+    "CELERY_TASK_OPTIONS",
+    "check_bool",
+    "check_count",
+    "check_exception_types",
+    "check_no_misspelt_options",
+    "check_seconds",
+    "invalid",
+    "task_label",
+]
+
+#: Celery's own task options, for spotting a misspelt one.
+CELERY_TASK_OPTIONS = frozenset(
+    {
+        "acks_late",
+        "acks_on_failure_or_timeout",
+        "autoretry_for",
+        "default_retry_delay",
+        "dont_autoretry_for",
+        "expires",
+        "ignore_result",
+        "max_retries",
+        "priority",
+        "queue",
+        "rate_limit",
+        "reject_on_worker_lost",
+        "retry_backoff",
+        "retry_backoff_max",
+        "retry_jitter",
+        "retry_kwargs",
+        "send_events",
+        "serializer",
+        "soft_time_limit",
+        "store_errors_even_if_ignored",
+        "throws",
+        "time_limit",
+        "track_started",
+        "trail",
+        "typing",
+    }
+)
+
+
+def task_label(cls: type) -> str:
+    """The name a message uses for a task class: its Celery name, else its dotted path."""
+    name = cls.__dict__.get("name")
+    if isinstance(name, str) and name:
+        return name
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def invalid(cls: type, option: str, value: object, problem: str) -> ConfigurationError:
+    """The error for option ``option`` of task ``cls`` holding ``value``."""
+    return ConfigurationError(f"task {task_label(cls)!r}: option {option}={value!r}: {problem}")
+
+
+def check_seconds(cls: type, option: str, *, allow_zero: bool = False) -> float | None:
+    """``None``, or a finite number of seconds (or timedelta) > 0 (>= 0 with ``allow_zero``)."""
+    value = getattr(cls, option, None)
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    bound = ">= 0" if allow_zero else "> 0"
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not math.isfinite(seconds)
+        or seconds < 0
+        or (seconds == 0 and not allow_zero)
+    ):
+        raise invalid(cls, option, value, f"expected a number of seconds {bound}, or None")
+    return float(seconds)
+
+
+def check_count(cls: type, option: str) -> None:
+    """``None`` or a whole number >= 0."""
+    value = getattr(cls, option, None)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise invalid(cls, option, value, "expected a whole number >= 0, or None")
+
+
+def check_bool(cls: type, option: str, *, allow_none: bool = True) -> None:
+    """``True`` / ``False`` (or ``None``, meaning Celery's app-wide setting)."""
+    value = getattr(cls, option, None)
+    if value is None and allow_none:
+        return
+    if not isinstance(value, bool):
+        none = ", or None for the app's setting" if allow_none else ""
+        raise invalid(cls, option, value, f"expected True or False{none}")
+
+
+def check_exception_types(cls: type, option: str) -> tuple[type[BaseException], ...]:
+    """A tuple or list of exception classes."""
+    value = getattr(cls, option, None) or ()
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(item, type) and issubclass(item, BaseException) for item in value
+    ):
+        raise invalid(
+            cls, option, value, "expected a tuple of exception classes, e.g. (ConnectionError,)"
+        )
+    return tuple(value)
+
+
+def check_no_misspelt_options(cls: type, known: Iterable[str]) -> None:
+    """Refuse a class attribute that no base defines and that is one typo from a known option.
+
+    Celery lets any keyword of ``@app.task`` become a task attribute, so ``retry_polcy=...`` would
+    otherwise be silently ignored. Attributes far from every option name stay allowed.
+    """
+    known = frozenset(known)
+    own: Mapping[str, object] = cls.__dict__
+    for attr in own:
+        if attr.startswith("_") or attr in known or any(hasattr(b, attr) for b in cls.__bases__):
+            continue
+        close = difflib.get_close_matches(attr, known, n=1, cutoff=0.8)
+        if close:
+            raise invalid(
+                cls, attr, own[attr], f"unknown option; did you mean {close[0]}={own[attr]!r}?"
+            )

@@ -1,0 +1,423 @@
+"""Retry policies: what to retry, how often, how long, and how long to wait in between.
+
+A :class:`RetryPolicy` is a frozen value validated when it is built. The decision about one
+failed attempt is :func:`decide`, a pure function of the policy and an :class:`AttemptState`;
+the task mixin only wires it into Celery (see :mod:`resilient_tasks.retry`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal, TypeAlias
+
+from tenacity import Future, RetryCallState, Retrying
+from tenacity.wait import wait_fixed, wait_random_exponential
+
+from .exceptions import ConfigurationError, Permanent, RetryAfter
+from .history import Attempt, History
+
+__all__ = [
+    "DEFAULT_BACKOFF",
+    "AttemptState",
+    "GiveUp",
+    "Reason",
+    "RetryIn",
+    "RetryPolicy",
+    "decide",
+    "exception_chain",
+]
+
+logger = logging.getLogger(__name__)
+
+#: A predicate over an exception: ``True`` means "this one matches".
+Predicate: TypeAlias = Callable[[BaseException], bool]
+#: What ``retry_on`` / ``give_up_on`` hold: exception types and/or predicates.
+Matcher: TypeAlias = "type[BaseException] | Predicate"
+#: A tenacity wait strategy: any ``tenacity.wait_*`` object, their sums, or a plain function.
+Wait: TypeAlias = Callable[[RetryCallState], float]
+
+#: Why a task stopped for good; the dead-letter envelope's ``reason``.
+Reason: TypeAlias = Literal[
+    "exception",
+    "retries_exhausted",
+    "deadline_exceeded",
+    "permanent",
+    "soft_time_limit",
+    "hard_time_limit",
+    "worker_lost",
+]
+
+#: The default backoff: exponential with full jitter, capped at 10 minutes (Celery's
+#: ``retry_backoff`` defaults, as a tenacity strategy). The delay after attempt ``n`` fails is
+#: ``uniform(0, min(600, 1 * 2 ** (n - 1)))`` seconds.
+DEFAULT_BACKOFF: Wait = wait_random_exponential(multiplier=1, max=600)
+
+_MAX_CHAIN = 32
+_RETRYING = Retrying()  # tenacity's call state wants an owner; it is never run.
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` then its causes and contexts (``__cause__`` first), each once, at most 32.
+
+    Example::
+
+        >>> try:
+        ...     try:
+        ...         raise ConnectionResetError("peer")
+        ...     except ConnectionResetError as inner:
+        ...         raise RuntimeError("sync failed") from inner
+        ... except RuntimeError as outer:
+        ...     [type(e).__name__ for e in exception_chain(outer)]
+        ['RuntimeError', 'ConnectionResetError']
+    """
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending and len(seen) < _MAX_CHAIN:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        # Push the context first so the cause is visited first.
+        for linked in (current.__context__, current.__cause__):
+            if linked is not None and id(linked) not in seen:
+                pending.append(linked)
+
+
+def _normalise_matchers(option: str, value: object) -> tuple[Matcher, ...]:
+    items: tuple[object, ...]
+    if isinstance(value, type) or callable(value):
+        items = (value,)
+    elif isinstance(value, list | tuple | set | frozenset):
+        items = tuple(value)
+    else:
+        raise ConfigurationError(
+            f"RetryPolicy: {option} must be exception types and/or predicates "
+            f"(callables taking the exception, returning bool); got {value!r}"
+        )
+    result: list[Matcher] = []
+    for item in items:
+        if isinstance(item, type):
+            if not issubclass(item, BaseException):
+                raise ConfigurationError(
+                    f"RetryPolicy: {option} holds {item.__qualname__}, which is not an exception "
+                    f"type; list exception classes such as ConnectionError, or predicates"
+                )
+            result.append(item)
+        elif callable(item):
+            result.append(item)
+        else:
+            raise ConfigurationError(
+                f"RetryPolicy: {option} holds {item!r}, which is neither an exception type nor a "
+                f"predicate; write the class itself (ConnectionError), not its name or an instance"
+            )
+    return tuple(result)
+
+
+def _normalise_seconds(option: str, value: object, *, allow_none: bool) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        none = " or None for no cap" if allow_none else ""
+        raise ConfigurationError(
+            f"RetryPolicy: {option} must be a number of seconds or a timedelta{none}; got {value!r}"
+        )
+    return float(value)
+
+
+def _normalise_backoff(value: object) -> Wait:
+    if isinstance(value, int | float | timedelta) and not isinstance(value, bool):
+        seconds = _normalise_seconds("backoff", value, allow_none=False)
+        assert seconds is not None
+        if seconds < 0:
+            raise ConfigurationError(f"RetryPolicy: backoff must be >= 0 seconds; got {value!r}")
+        return wait_fixed(seconds)
+    if callable(value) and not isinstance(value, type):
+        backoff: Wait = value
+        return backoff
+    raise ConfigurationError(
+        "RetryPolicy: backoff must be a tenacity wait strategy (e.g. wait_exponential(), "
+        "wait_random_exponential(max=60), wait_fixed(2) + wait_random(0, 1)), a function of a "
+        f"tenacity RetryCallState, or a number of seconds; got {value!r}"
+    )
+
+
+def _matches(matchers: tuple[Matcher, ...], chain: tuple[BaseException, ...]) -> bool:
+    for exc in chain:
+        for matcher in matchers:
+            if isinstance(matcher, type):
+                if isinstance(exc, matcher):
+                    return True
+            else:
+                try:
+                    if matcher(exc):
+                        return True
+                except Exception:
+                    logger.exception("retry predicate %r raised; counted as no match", matcher)
+    return False
+
+
+@dataclass(frozen=True, init=False)
+class RetryPolicy:
+    """Which failures a task retries, how often, for how long, and the wait in between.
+
+    A frozen value, validated when built: a bad argument raises
+    :class:`~resilient_tasks.ConfigurationError` naming it. :meth:`replace` makes a changed copy.
+
+    Arguments:
+        retry_on: exception types and/or predicates ``(exc) -> bool``. A failure is retried when
+            anything in its exception chain (``__cause__`` / ``__context__``) matches. A single
+            type or predicate is accepted for a tuple of one. ``()`` retries nothing.
+        give_up_on: the same form; a match here wins over ``retry_on``.
+        max_attempts: attempts in total, the first one included. ``1`` means never retry;
+            ``None`` means no cap (bound it with ``max_elapsed`` then).
+        max_elapsed: seconds (or a timedelta) since the first attempt started after which no new
+            attempt is scheduled: a retry whose start would fall past it is not made. ``None``
+            means no cap.
+        backoff: the wait before each retry. A tenacity wait strategy (any ``wait_*`` object,
+            their sums such as ``wait_fixed(1) + wait_random(0, 2)``, or a plain function of a
+            ``RetryCallState``), or seconds as a number or timedelta for a fixed wait. ``0``
+            retries at once. The default is :data:`DEFAULT_BACKOFF`: exponential with full
+            jitter, capped, the delay after attempt ``n`` fails being
+            ``uniform(0, min(600, 2 ** (n - 1)))`` seconds.
+
+    The wait strategy sees a tenacity ``RetryCallState`` whose ``attempt_number`` is the attempt
+    that just failed (1 for the first), whose ``outcome`` holds its exception, whose
+    ``seconds_since_start`` is the time since the first attempt started and whose ``idle_for``
+    is the sum of the earlier delays. :class:`~resilient_tasks.RetryAfter` overrides the computed
+    delay for one attempt; :class:`~resilient_tasks.Permanent` stops retrying.
+
+    Example::
+
+        >>> from tenacity import wait_exponential
+        >>> policy = RetryPolicy(
+        ...     retry_on=(ConnectionError, TimeoutError),
+        ...     max_attempts=4,
+        ...     backoff=wait_exponential(multiplier=0.5, max=10),
+        ... )
+        >>> policy.delays(3)
+        [0.5, 1.0, 2.0]
+        >>> policy.replace(max_attempts=2).max_attempts
+        2
+    """
+
+    retry_on: tuple[Matcher, ...]
+    give_up_on: tuple[Matcher, ...]
+    max_attempts: int | None
+    max_elapsed: float | None
+    backoff: Wait
+
+    def __init__(
+        self,
+        retry_on: object = (ConnectionError,),
+        give_up_on: object = (),
+        max_attempts: int | None = 5,
+        max_elapsed: float | timedelta | None = None,
+        backoff: object = DEFAULT_BACKOFF,
+    ) -> None:
+        if max_attempts is not None and (
+            isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
+        ):
+            raise ConfigurationError(
+                "RetryPolicy: max_attempts must be a whole number >= 1, or None for no cap; "
+                f"got {max_attempts!r}"
+            )
+        elapsed = _normalise_seconds("max_elapsed", max_elapsed, allow_none=True)
+        if elapsed is not None and elapsed <= 0:
+            raise ConfigurationError(
+                f"RetryPolicy: max_elapsed must be > 0 seconds, or None for no cap; "
+                f"got {max_elapsed!r}"
+            )
+        object.__setattr__(self, "retry_on", _normalise_matchers("retry_on", retry_on))
+        object.__setattr__(self, "give_up_on", _normalise_matchers("give_up_on", give_up_on))
+        object.__setattr__(self, "max_attempts", max_attempts)
+        object.__setattr__(self, "max_elapsed", elapsed)
+        object.__setattr__(self, "backoff", _normalise_backoff(backoff))
+
+    def replace(self, **changes: Any) -> RetryPolicy:
+        """A new policy with ``changes`` applied, validated like a new one.
+
+        Example::
+
+            >>> RetryPolicy(max_attempts=3).replace(max_attempts=None).max_attempts is None
+            True
+        """
+        fields = {
+            "retry_on": self.retry_on,
+            "give_up_on": self.give_up_on,
+            "max_attempts": self.max_attempts,
+            "max_elapsed": self.max_elapsed,
+            "backoff": self.backoff,
+        }
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise ConfigurationError(f"RetryPolicy.replace: unknown option(s) {sorted(unknown)}")
+        return RetryPolicy(**{**fields, **changes})
+
+    def next_delay(self, state: AttemptState) -> float:
+        """The backoff after the attempt ``state`` describes, in seconds (never negative)."""
+        call = RetryCallState(_RETRYING, None, (), {})
+        call.attempt_number = state.attempt
+        call.start_time = 0.0
+        call.outcome_timestamp = state.elapsed
+        call.idle_for = state.history.idle_seconds()
+        outcome = Future(state.attempt)
+        outcome.set_exception(state.exception)
+        call.outcome = outcome
+        delay = float(self.backoff(call))
+        return delay if math.isfinite(delay) and delay > 0 else 0.0
+
+    def delays(self, n: int) -> list[float]:
+        """The first ``n`` delays of this policy's backoff, for attempts failing at once.
+
+        Deterministic where the wait strategy is; a strategy with jitter gives one random
+        sample of its schedule. It ignores ``max_attempts``: ask for as many as you like.
+
+        Example::
+
+            >>> RetryPolicy(backoff=1.5).delays(3)
+            [1.5, 1.5, 1.5]
+        """
+        exc = _sample_exception(self.retry_on)
+        result: list[float] = []
+        history = History()
+        for attempt in range(1, n + 1):
+            state = AttemptState(
+                task_name="",
+                attempt=attempt,
+                exception=exc,
+                elapsed=history.idle_seconds(),
+                history=history,
+            )
+            delay = self.next_delay(state)
+            result.append(delay)
+            history = _with_delay(history, attempt, delay)
+        return result
+
+
+def _sample_exception(matchers: tuple[Matcher, ...]) -> BaseException:
+    for matcher in matchers:
+        if isinstance(matcher, type):
+            try:
+                sample: BaseException = matcher()
+            except Exception:  # an exception type that needs arguments
+                continue
+            return sample
+    return Exception("sample")
+
+
+def _with_delay(history: History, attempt: int, delay: float) -> History:
+    return history.record(
+        Attempt(number=attempt, at="", hostname="", exception_type="", message="", delay=delay)
+    )
+
+
+@dataclass(frozen=True)
+class AttemptState:
+    """Everything a retry decision looks at about one failed attempt. An immutable value.
+
+    Arguments:
+        task_name: the task's registered name.
+        attempt: the number of the attempt that just failed, 1 for the first.
+        exception: what it raised.
+        elapsed: seconds since the first attempt started.
+        history: the attempts before this one, as carried by the message.
+        task_id: the task's id, when known.
+
+    Example::
+
+        >>> state = AttemptState("billing.sync", attempt=1, exception=TimeoutError(), elapsed=0.2)
+        >>> decide(RetryPolicy(retry_on=TimeoutError, backoff=2), state)
+        RetryIn(delay=2.0)
+    """
+
+    task_name: str
+    attempt: int
+    exception: BaseException
+    elapsed: float = 0.0
+    history: History = field(default_factory=History)
+    task_id: str | None = None
+
+    @classmethod
+    def starting_at(
+        cls,
+        *,
+        task_name: str,
+        task_id: str | None,
+        attempt: int,
+        exception: BaseException,
+        history: History,
+        started: datetime,
+        now: datetime,
+    ) -> AttemptState:
+        """The state of attempt ``attempt`` that started at ``started`` and failed at ``now``.
+
+        ``elapsed`` counts from the first attempt recorded in ``history``, or from ``started``
+        when this is the first attempt.
+        """
+        first = history.first_attempt_time() or started
+        return cls(
+            task_name=task_name,
+            task_id=task_id,
+            attempt=attempt,
+            exception=exception,
+            elapsed=max(0.0, (now - first).total_seconds()),
+            history=history,
+        )
+
+
+@dataclass(frozen=True)
+class RetryIn:
+    """Decision: retry after ``delay`` seconds."""
+
+    delay: float
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """Decision: stop; the failure is terminal for ``reason``."""
+
+    reason: Reason
+
+
+def decide(policy: RetryPolicy, state: AttemptState) -> RetryIn | GiveUp:
+    """Decide what follows a failed attempt. Pure, apart from a wait strategy's own jitter.
+
+    In order: :class:`~resilient_tasks.Permanent` anywhere in the chain gives up
+    (``"permanent"``); a ``give_up_on`` match gives up (``"exception"``); a failure that neither
+    matches ``retry_on`` nor carries :class:`~resilient_tasks.RetryAfter` gives up
+    (``"exception"``); reaching ``max_attempts`` gives up (``"retries_exhausted"``); a retry that
+    would start later than ``max_elapsed`` after the first attempt gives up
+    (``"deadline_exceeded"``); anything else is retried after the ``RetryAfter`` delay or the
+    policy's backoff.
+
+    Example::
+
+        >>> policy = RetryPolicy(retry_on=ConnectionError, max_attempts=2, backoff=1)
+        >>> decide(policy, AttemptState("t", attempt=1, exception=ConnectionError()))
+        RetryIn(delay=1.0)
+        >>> decide(policy, AttemptState("t", attempt=2, exception=ConnectionError()))
+        GiveUp(reason='retries_exhausted')
+        >>> decide(policy, AttemptState("t", attempt=1, exception=KeyError()))
+        GiveUp(reason='exception')
+    """
+    chain = tuple(exception_chain(state.exception))
+    if any(isinstance(exc, Permanent) for exc in chain):
+        return GiveUp("permanent")
+    if _matches(policy.give_up_on, chain):
+        return GiveUp("exception")
+    retry_after = next((exc for exc in chain if isinstance(exc, RetryAfter)), None)
+    if retry_after is None and not _matches(policy.retry_on, chain):
+        return GiveUp("exception")
+    if policy.max_attempts is not None and state.attempt >= policy.max_attempts:
+        return GiveUp("retries_exhausted")
+    delay = retry_after.seconds if retry_after is not None else policy.next_delay(state)
+    if policy.max_elapsed is not None and state.elapsed + delay > policy.max_elapsed:
+        return GiveUp("deadline_exceeded")
+    return RetryIn(delay)

@@ -1,0 +1,211 @@
+"""Where retries happen: :class:`RetryMixin` wires a :class:`~resilient_tasks.RetryPolicy` into
+Celery's task call and Celery's own ``Task.retry``.
+
+* A failed attempt of a task with a ``retry_policy`` is handed to
+  :func:`~resilient_tasks.policy.decide`; a retry goes through Celery's ``Task.retry``, so
+  queue, priority, custom headers, ``link`` / ``link_error``, ``root_id`` and ``parent_id``
+  are kept exactly as Celery keeps them.
+* Every retry, whatever asked for it (the policy, Celery's ``autoretry_for``, or a hand-written
+  ``self.retry()``), records the attempt in the message's history header
+  (:mod:`resilient_tasks.history`).
+* Nothing is stored on the task instance: what one call needs comes from ``self.request``, the
+  message headers and local variables (the attempt's start time is a context variable).
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from contextvars import ContextVar
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+from celery.exceptions import Ignore, Reject, Retry
+
+from .history import HEADER, Attempt, History
+from .options import (
+    check_bool,
+    check_count,
+    check_exception_types,
+    check_seconds,
+    invalid,
+)
+from .policy import AttemptState, RetryIn, RetryPolicy, decide
+
+if TYPE_CHECKING:
+    from celery import Task as _TaskBase
+else:
+    _TaskBase = object
+
+__all__ = ["RetryMixin"]
+
+_attempt_started: ContextVar[datetime | None] = ContextVar(
+    "resilient_tasks_attempt_started", default=None
+)
+# Celery's control-flow exceptions: never a failure to retry.
+_CELERY_CONTROL = (Retry, Ignore, Reject)
+# Celery's autoretry options, which a retry_policy replaces.
+_AUTORETRY_OPTIONS = ("retry_kwargs", "retry_backoff", "retry_backoff_max", "retry_jitter")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class RetryMixin(_TaskBase):  # type: ignore[misc]
+    """Retry failures as a :class:`~resilient_tasks.RetryPolicy` says, through Celery's own retry.
+
+    Combine it with ``celery.Task`` (mixins first), or use
+    :class:`~resilient_tasks.ResilientTask`, which includes it.
+
+    Options (class attributes or ``@app.task`` keywords):
+        retry_policy: a :class:`~resilient_tasks.RetryPolicy`, or ``None`` (the default) for no
+            policy-driven retry. With ``None`` the task keeps Celery's own behaviour:
+            ``autoretry_for``, ``retry_backoff``, ``max_retries`` and ``self.retry()`` work as
+            on a plain ``celery.Task``, and each retry is still recorded in the history.
+
+    With a policy, ``max_retries`` follows it (``max_attempts - 1``; ``None`` without a cap), so
+    a hand-written ``self.retry()`` obeys the same limit; setting ``max_retries`` or
+    ``autoretry_for`` beside ``retry_policy`` is refused as ambiguous.
+
+    Example::
+
+        from celery import Celery, Task
+        from resilient_tasks import RetryMixin, RetryPolicy
+
+        app = Celery("proj")
+
+        class Retrying(RetryMixin, Task):
+            retry_policy = RetryPolicy(retry_on=(ConnectionError,), max_attempts=3)
+
+        @app.task(base=Retrying)
+        def ping(host): ...
+    """
+
+    retry_policy: RetryPolicy | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        policy = getattr(cls, "retry_policy", None)
+        if policy is not None and not isinstance(policy, RetryPolicy):
+            raise invalid(
+                cls,
+                "retry_policy",
+                policy,
+                "expected a resilient_tasks.RetryPolicy(...), or None for no policy-driven retry",
+            )
+        check_count(cls, "max_retries")
+        check_seconds(cls, "default_retry_delay", allow_zero=True)
+        check_exception_types(cls, "autoretry_for")
+        check_exception_types(cls, "dont_autoretry_for")
+        check_seconds(cls, "retry_backoff_max", allow_zero=True)
+        check_bool(cls, "retry_jitter")
+        backoff = getattr(cls, "retry_backoff", False)
+        if not isinstance(backoff, bool):
+            check_seconds(cls, "retry_backoff", allow_zero=True)
+        retry_kwargs = getattr(cls, "retry_kwargs", None)
+        if retry_kwargs is not None and not isinstance(retry_kwargs, dict):
+            raise invalid(
+                cls, "retry_kwargs", retry_kwargs, "expected a dict of Task.retry options"
+            )
+        if policy is None:
+            return
+        if getattr(cls, "autoretry_for", ()):
+            raise invalid(
+                cls,
+                "autoretry_for",
+                cls.autoretry_for,
+                "the task also sets retry_policy; list these exceptions in "
+                "RetryPolicy(retry_on=...) and drop autoretry_for",
+            )
+        if "max_retries" in cls.__dict__:
+            raise invalid(
+                cls,
+                "max_retries",
+                cls.__dict__["max_retries"],
+                "the task also sets retry_policy; use RetryPolicy(max_attempts=...) instead "
+                "(max_attempts counts the first attempt: max_retries + 1)",
+            )
+        for option in _AUTORETRY_OPTIONS:
+            if option in cls.__dict__:
+                raise invalid(
+                    cls,
+                    option,
+                    cls.__dict__[option],
+                    "the task also sets retry_policy, which replaces Celery's autoretry options; "
+                    "put the backoff in RetryPolicy(backoff=...)",
+                )
+        cls.max_retries = None if policy.max_attempts is None else policy.max_attempts - 1
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        token = _attempt_started.set(_utcnow())
+        try:
+            return super().__call__(*args, **kwargs)
+        except _CELERY_CONTROL:
+            raise
+        except Exception as exc:
+            policy = self.retry_policy
+            request = self.request
+            if policy is None or request.called_directly:
+                raise
+            decision = decide(policy, self._attempt_state(exc))
+            if isinstance(decision, RetryIn):
+                raise self.retry(exc=exc, countdown=decision.delay) from exc
+            raise
+        finally:
+            _attempt_started.reset(token)
+
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: BaseException | None = None,
+        throw: bool = True,
+        eta: datetime | None = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Retry:
+        """Celery's ``Task.retry``, recording this attempt in the message's history header."""
+        request = self.request
+        if not request.called_directly:
+            now = _utcnow()
+            failure = exc if exc is not None else sys.exc_info()[1]
+            attempt = Attempt.failed(
+                request.retries + 1,
+                failure if failure is not None else Retry("retry requested"),
+                hostname=request.hostname or socket.gethostname(),
+                delay=_delay_of(countdown, eta, self.default_retry_delay, now),
+                at=_attempt_started.get() or now,
+            )
+            history = History.from_headers(request.headers).record(attempt)
+            options["headers"] = {
+                **(request.headers or {}),
+                **(options.get("headers") or {}),
+                HEADER: history.encode(),
+            }
+        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+
+    def _attempt_state(self, exc: BaseException) -> AttemptState:
+        request = self.request
+        now = _utcnow()
+        return AttemptState.starting_at(
+            task_name=self.name,
+            task_id=request.id,
+            attempt=request.retries + 1,
+            exception=exc,
+            history=History.from_headers(request.headers),
+            started=_attempt_started.get() or now,
+            now=now,
+        )
+
+
+def _delay_of(
+    countdown: float | None, eta: datetime | None, default: float | None, now: datetime
+) -> float | None:
+    if countdown is not None:
+        return float(countdown)
+    if eta is not None:
+        moment = eta if eta.tzinfo else eta.replace(tzinfo=timezone.utc)
+        return max(0.0, (moment - now) / timedelta(seconds=1))
+    return None if default is None else float(default)

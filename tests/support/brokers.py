@@ -1,0 +1,99 @@
+"""The brokers the worker tests run on, and how each cleans up after a test.
+
+* ``filesystem``: Kombu's filesystem transport in the test's temporary folder. No server.
+* ``rabbitmq``: ``amqp://guest:guest@127.0.0.1:5672//`` (``RT_TEST_RABBITMQ_URL`` overrides).
+* ``redis``: ``redis://127.0.0.1:6379/0`` (``RT_TEST_REDIS_URL`` overrides).
+
+A server that does not answer skips its tests with the reason, except with ``CI=true``, where it
+fails them: CI must not go green by testing nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kombu import Connection
+
+RABBITMQ_URL = os.environ.get("RT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+REDIS_URL = os.environ.get("RT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+BROKERS = ("filesystem", "rabbitmq", "redis")
+
+
+@dataclass
+class Broker:
+    """One broker for one test: its URL, transport options and a unique name prefix."""
+
+    kind: str
+    url: str
+    transport_options: dict[str, Any] = field(default_factory=dict)
+    prefix: str = field(default_factory=lambda: f"rt-{uuid.uuid4().hex[:10]}")
+
+    def queue_name(self, label: str = "q") -> str:
+        """A queue name no other test uses."""
+        return f"{self.prefix}-{label}"
+
+    def connection(self) -> Connection:
+        return Connection(self.url, transport_options=self.transport_options)
+
+    def cleanup(self, queues: list[str]) -> None:
+        """Delete what this test created on the broker."""
+        if self.kind == "rabbitmq":
+            with self.connection() as conn:
+                channel = conn.default_channel
+                for name in queues:
+                    channel.queue_delete(name)
+                    channel.exchange_delete(name)
+        elif self.kind == "redis":
+            with self.connection() as conn:
+                client = conn.default_channel.client
+                keys = list(client.scan_iter(match=f"*{self.prefix}*"))
+                if keys:
+                    client.delete(*keys)
+
+
+def _reachable(url: str) -> str | None:
+    try:
+        with Connection(url, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1, timeout=3)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def make_broker(kind: str, tmp_path: Path) -> Broker:
+    """The broker ``kind`` for one test; skips (or fails under CI=true) when it is down."""
+    if kind == "filesystem":
+        folder = tmp_path / "broker"
+        folder.mkdir()
+        return Broker(
+            kind,
+            "filesystem://",
+            {
+                "data_folder_in": str(folder),
+                "data_folder_out": str(folder),
+                "control_folder": str(folder / "control"),
+                "polling_interval": 0.05,
+            },
+        )
+    url = RABBITMQ_URL if kind == "rabbitmq" else REDIS_URL
+    problem = _reachable(url)
+    if problem is not None:
+        reason = f"{kind} broker at {url} does not answer ({problem})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI=true requires every broker", pytrace=False)
+        pytest.skip(reason)
+    broker = Broker(kind, url)
+    if kind == "redis":
+        # Kombu's Redis transport keeps unacked messages under global keys; give each test its own.
+        broker.transport_options = {
+            "unacked_key": f"{broker.prefix}-unacked",
+            "unacked_index_key": f"{broker.prefix}-unacked_index",
+            "unacked_mutex_key": f"{broker.prefix}-unacked_mutex",
+            "polling_interval": 0.05,
+        }
+    return broker

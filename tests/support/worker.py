@@ -1,0 +1,174 @@
+"""A real ``celery worker`` subprocess for one test, and a client app that talks to it.
+
+:class:`WorkerRunner` starts ``python -m celery -A <module> worker -P prefork`` in its own process
+group on the test's own queues, waits until the worker's ``worker_ready`` signal has fired, and
+on stop sends SIGTERM (Celery's warm shutdown), then SIGKILL to the whole process group if it
+has not exited in time, so no test leaves a worker or a pool child behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apps.base import ENV_READY_FILE, ENV_SETTINGS, read_log
+from celery import Celery
+from celery.result import AsyncResult
+
+from .brokers import Broker
+
+TESTS_DIR = Path(__file__).resolve().parent.parent
+READY_TIMEOUT = 30.0
+#: How long a test's explicit stop waits for a warm shutdown before SIGKILL.
+STOP_TIMEOUT = 15.0
+#: How long teardown waits. The test has its verdict by then, and a worker on the filesystem
+#: transport only notices a signal between 2-second polls, so teardown does not wait for that.
+TEARDOWN_GRACE = 1.0
+
+
+@dataclass
+class Worker:
+    """A running worker and the client side of the test that started it."""
+
+    process: subprocess.Popen[bytes]
+    client: Celery
+    queue: str
+    queues: list[str]
+    log: Path
+    output: Path
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def attempts(self) -> list[dict[str, Any]]:
+        """What each attempt recorded through ``apps.base.record``."""
+        return read_log(self.log)
+
+    def send(self, name: str, *args: Any, **options: Any) -> AsyncResult:
+        """Send task ``name`` with ``args``; the attempt log is always the last argument."""
+        return self.client.send_task(name, args=[*args, str(self.log)], **options)
+
+    def signature(self, name: str, *args: Any, **options: Any) -> Any:
+        return self.client.signature(name, args=[*args, str(self.log)], **options)
+
+    def output_text(self) -> str:
+        return self.output.read_text(errors="replace") if self.output.exists() else ""
+
+    def wait_for(self, predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
+        """Poll ``predicate()`` until true; fail with the worker's output when it never is."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}\n--- worker output ---\n"
+                             f"{self.output_text()[-4000:]}")
+
+
+class WorkerRunner:
+    """Starts workers for one test on one broker and stops all of them at teardown."""
+
+    def __init__(self, broker: Broker, tmp_path: Path) -> None:
+        self.broker = broker
+        self.tmp_path = tmp_path
+        self.workers: list[Worker] = []
+        self.queues: set[str] = set()
+        self._count = 0
+
+    def settings(self, queue: str, **overrides: Any) -> dict[str, Any]:
+        results = self.tmp_path / "results"
+        results.mkdir(exist_ok=True)
+        return {
+            "broker_url": self.broker.url,
+            "broker_transport_options": self.broker.transport_options,
+            "result_backend": f"file://{results}",
+            "task_default_queue": queue,
+            "worker_enable_remote_control": False,
+            "broker_connection_retry_on_startup": True,
+            "worker_prefetch_multiplier": 1,
+            **overrides,
+        }
+
+    def start(
+        self,
+        module: str,
+        *,
+        queues: list[str] | None = None,
+        concurrency: int = 2,
+        pool: str = "prefork",
+        settings: dict[str, Any] | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> Worker:
+        """Start a worker for ``module`` on ``queues`` (default: one new queue) and wait for it."""
+        self._count += 1
+        label = f"w{self._count}"
+        queues = queues or [self.broker.queue_name()]
+        self.queues.update(queues)
+        conf = self.settings(queues[0], **(settings or {}))
+        ready = self.tmp_path / f"{label}.ready"
+        output = self.tmp_path / f"{label}.out"
+        env = {
+            **os.environ,
+            ENV_SETTINGS: json.dumps(conf),
+            ENV_READY_FILE: str(ready),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])),
+        }
+        cmd = [
+            sys.executable, "-m", "celery", "-A", module, "worker",
+            "-P", pool, "-c", str(concurrency), "-Q", ",".join(queues),
+            "-n", f"{self.broker.prefix}-{label}@%h",
+            "--without-heartbeat", "--without-gossip", "--without-mingle",
+            "--loglevel=INFO", *extra_args,
+        ]  # fmt: skip
+        with output.open("wb") as out:
+            process = subprocess.Popen(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        client = Celery(f"client-{label}")
+        client.conf.update(conf)
+        worker = Worker(process, client, queues[0], queues, self.tmp_path / f"{label}.log", output,
+                        conf)
+        self.workers.append(worker)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not ready.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                self.stop(worker)
+                raise RuntimeError(f"worker for {module} did not start:\n{worker.output_text()}")
+            time.sleep(0.02)
+        return worker
+
+    def stop(
+        self, worker: Worker, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT
+    ) -> None:
+        """Send ``sig`` (SIGTERM: warm shutdown); SIGKILL the process group after ``timeout``."""
+        process = worker.process
+        if process.poll() is None:
+            with suppress(ProcessLookupError):
+                os.kill(process.pid, sig)
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(timeout)
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(STOP_TIMEOUT)
+        worker.client.close()
+
+    def close(self) -> None:
+        for worker in self.workers:
+            self.stop(worker, timeout=TEARDOWN_GRACE)
+        self.broker.cleanup(sorted(self.queues))
+
+
+def running(broker: Broker, tmp_path: Path) -> Iterator[WorkerRunner]:
+    runner = WorkerRunner(broker, tmp_path)
+    try:
+        yield runner
+    finally:
+        runner.close()

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from support.brokers import BROKERS, Broker, make_broker
 from support.worker import WorkerRunner, running
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from datetime import timedelta
+
+from ._seconds import to_seconds
 
 __all__ = ["ConfigurationError", "Permanent", "RetryAfter"]
 
@@ -51,14 +52,14 @@ class RetryAfter(Exception):
     """
 
     def __init__(self, seconds: float | timedelta, message: str = "") -> None:
-        value = seconds.total_seconds() if isinstance(seconds, timedelta) else seconds
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TypeError(f"RetryAfter: seconds must be a finite number, got {seconds!r}")
-        if not math.isfinite(value):
-            raise TypeError(f"RetryAfter: seconds must be a finite number, got {seconds!r}")
+        try:
+            value = to_seconds(seconds)
+        except TypeError:
+            message = f"RetryAfter: seconds must be a finite number, got {seconds!r}"
+            raise TypeError(message) from None
         if value < 0:
             raise ValueError(f"RetryAfter: seconds must be >= 0, got {seconds!r}")
-        self.seconds = float(value)
+        self.seconds = value
         self.message = message
         super().__init__(self.seconds, message)
 

@@ -9,11 +9,13 @@ and bounded in size:
 
 * at most :data:`MAX_KEPT_ATTEMPTS` attempts are kept: the first one and the most recent ones;
   the number left out in between is counted in ``dropped``;
-* exception messages are cut to :data:`MAX_MESSAGE_CHARS` characters and exception type names to
-  :data:`MAX_TYPE_CHARS`.
+* exception messages are cut to :data:`MAX_MESSAGE_CHARS` characters, exception type names to
+  :data:`MAX_TYPE_CHARS` and host names to :data:`MAX_HOSTNAME_CHARS`;
+* the encoded header is at most :data:`MAX_HEADER_BYTES` bytes of UTF-8: while it is larger,
+  the oldest attempt after the first is dropped too (the first and the latest always stay).
 
-So the header stays under roughly 12 KiB however often a task is retried, and
-``first_attempt_at`` is kept even when early attempts are dropped.
+So the header stays under 12 KiB however often a task is retried and whatever its exceptions
+say, and ``first_attempt_at`` is kept even when early attempts are dropped.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any
 
 __all__ = [
     "HEADER",
+    "MAX_HEADER_BYTES",
+    "MAX_HOSTNAME_CHARS",
     "MAX_KEPT_ATTEMPTS",
     "MAX_MESSAGE_CHARS",
     "MAX_TYPE_CHARS",
@@ -43,6 +47,10 @@ MAX_KEPT_ATTEMPTS = 20
 MAX_MESSAGE_CHARS = 500
 #: Exception type names are cut to this many characters.
 MAX_TYPE_CHARS = 200
+#: Worker host names are cut to this many characters.
+MAX_HOSTNAME_CHARS = 255
+#: The encoded header never exceeds this many bytes.
+MAX_HEADER_BYTES = 12 * 1024
 _SCHEMA = 1
 
 
@@ -56,7 +64,9 @@ def truncate(text: str, limit: int) -> str:
     """
     if len(text) <= limit:
         return text
-    return text[: max(0, limit - 3)] + "..."
+    if limit < 3:
+        return text[: max(0, limit)]
+    return text[: limit - 3] + "..."
 
 
 def exception_type_name(exc: BaseException) -> str:
@@ -117,7 +127,7 @@ class Attempt:
         return cls(
             number=number,
             at=_iso(at),
-            hostname=hostname,
+            hostname=truncate(hostname, MAX_HOSTNAME_CHARS),
             exception_type=truncate(exception_type_name(exc), MAX_TYPE_CHARS),
             message=truncate(_safe_str(exc), MAX_MESSAGE_CHARS),
             delay=None if delay is None else round(float(delay), 6),
@@ -126,6 +136,25 @@ class Attempt:
     def as_dict(self) -> dict[str, Any]:
         """The attempt as the dead-letter envelope and the header write it."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Attempt:
+        """Read an attempt written by :meth:`as_dict`; ``ValueError`` if it is not one."""
+        number, at, delay = data.get("number"), data.get("at"), data.get("delay")
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise ValueError(f"attempt number {number!r}")
+        if delay is not None and (
+            isinstance(delay, bool) or not isinstance(delay, int | float) or not delay >= 0
+        ):
+            raise ValueError(f"attempt delay {delay!r}")
+        return cls(
+            number=number,
+            at=_iso(_parse_time(at)),
+            hostname=str(data.get("hostname", "")),
+            exception_type=str(data.get("exception_type", "")),
+            message=str(data.get("message", "")),
+            delay=None if delay is None else float(delay),
+        )
 
 
 @dataclass(frozen=True)
@@ -153,28 +182,32 @@ class History:
     dropped: int = 0
 
     def record(self, attempt: Attempt) -> History:
-        """A new history with ``attempt`` appended, keeping the first and the latest."""
-        attempts = (*self.attempts, attempt)
-        dropped = self.dropped
-        if len(attempts) > MAX_KEPT_ATTEMPTS:
-            cut = len(attempts) - MAX_KEPT_ATTEMPTS
-            attempts = (attempts[0], *attempts[1 + cut :])
-            dropped += cut
-        return History(
-            attempts=attempts,
-            first_attempt_at=self.first_attempt_at or attempts[0].at,
-            dropped=dropped,
+        """A new history with ``attempt`` appended, bounded as the module describes."""
+        history = History(
+            attempts=(*self.attempts, attempt),
+            first_attempt_at=self.first_attempt_at or (self.attempts or (attempt,))[0].at,
+            dropped=self.dropped,
         )
+        while len(history.attempts) > 2 and (
+            len(history.attempts) > MAX_KEPT_ATTEMPTS
+            or len(history.encode().encode("utf-8")) > MAX_HEADER_BYTES
+        ):
+            history = history._without_second()
+        return history
+
+    def _without_second(self) -> History:
+        first, _, *rest = self.attempts
+        return History((first, *rest), self.first_attempt_at, self.dropped + 1)
 
     def first_attempt_time(self) -> datetime | None:
         """``first_attempt_at`` as an aware datetime, or ``None`` before the first failure."""
         if self.first_attempt_at is None:
             return None
-        return datetime.fromisoformat(self.first_attempt_at)
+        return _parse_time(self.first_attempt_at)
 
     def idle_seconds(self) -> float:
         """The sum of the delays scheduled between the recorded attempts."""
-        return sum(a.delay or 0.0 for a in self.attempts)
+        return float(sum(a.delay or 0.0 for a in self.attempts))
 
     def encode(self) -> str:
         """The header value: compact JSON."""
@@ -194,22 +227,24 @@ class History:
         """
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError:
-                return cls()
-        if not isinstance(value, Mapping):
-            return cls()
         try:
-            attempts = tuple(Attempt(**a) for a in value.get("attempts") or ())
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, Mapping):
+                return cls()
+            attempts = tuple(Attempt.from_dict(a) for a in value.get("attempts") or ())
             first = value.get("first_attempt_at")
+            dropped = value.get("dropped") or 0
+            if isinstance(dropped, bool) or not isinstance(dropped, int) or dropped < 0:
+                raise ValueError(f"dropped {dropped!r}")
             return cls(
                 attempts=attempts,
-                first_attempt_at=str(first) if first else (attempts[0].at if attempts else None),
-                dropped=int(value.get("dropped") or 0),
+                first_attempt_at=_iso(_parse_time(first))
+                if first
+                else (attempts[0].at if attempts else None),
+                dropped=dropped,
             )
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, AttributeError, OverflowError, RecursionError):
             return cls()
 
     @classmethod
@@ -218,6 +253,14 @@ class History:
         if not headers:
             return cls()
         return cls.decode(headers.get(HEADER))
+
+
+def _parse_time(value: object) -> datetime:
+    """An aware datetime from ISO-8601 text; a time without a zone is taken as UTC."""
+    if not isinstance(value, str):
+        raise ValueError(f"time {value!r}")
+    moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _safe_str(exc: BaseException) -> str:

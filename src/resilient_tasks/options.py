@@ -7,10 +7,9 @@ the one kind of message they all raise: the task, the option, the value, and the
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Iterable, Mapping
-from datetime import timedelta
 
+from ._seconds import to_seconds
 from .exceptions import ConfigurationError
 
 __all__ = [
@@ -74,17 +73,14 @@ def check_seconds(cls: type, option: str, *, allow_zero: bool = False) -> float 
     value = getattr(cls, option, None)
     if value is None:
         return None
-    seconds = value.total_seconds() if isinstance(value, timedelta) else value
     bound = ">= 0" if allow_zero else "> 0"
-    if (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, int | float)
-        or not math.isfinite(seconds)
-        or seconds < 0
-        or (seconds == 0 and not allow_zero)
-    ):
+    try:
+        seconds = to_seconds(value)
+    except TypeError:
+        seconds = -1.0
+    if seconds < 0 or (seconds == 0 and not allow_zero):
         raise invalid(cls, option, value, f"expected a number of seconds {bound}, or None")
-    return float(seconds)
+    return seconds
 
 
 def check_count(cls: type, option: str) -> None:

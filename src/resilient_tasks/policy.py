@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeAlias
 from tenacity import Future, RetryCallState, Retrying
 from tenacity.wait import wait_fixed, wait_random_exponential
 
+from ._seconds import to_seconds
 from .exceptions import ConfigurationError, Permanent, RetryAfter
 from .history import Attempt, History
 
@@ -63,6 +64,8 @@ _RETRYING = Retrying()  # tenacity's call state wants an owner; it is never run.
 def exception_chain(exc: BaseException) -> Iterator[BaseException]:
     """``exc`` then its causes and contexts (``__cause__`` first), each once, at most 32.
 
+    A context hidden by ``raise ... from None`` is not followed, as Python's own traceback does.
+
     Example::
 
         >>> try:
@@ -82,15 +85,17 @@ def exception_chain(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(current))
         yield current
-        # Push the context first so the cause is visited first.
-        for linked in (current.__context__, current.__cause__):
+        # Push the context first so the cause is visited first. ``raise ... from None`` hides
+        # the context on purpose, so a hidden context is not followed.
+        context = None if current.__suppress_context__ else current.__context__
+        for linked in (context, current.__cause__):
             if linked is not None and id(linked) not in seen:
                 pending.append(linked)
 
 
 def _normalise_matchers(option: str, value: object) -> tuple[Matcher, ...]:
     items: tuple[object, ...]
-    if isinstance(value, type) or callable(value):
+    if isinstance(value, type | BaseException) or callable(value):
         items = (value,)
     elif isinstance(value, list | tuple | set | frozenset):
         items = tuple(value)
@@ -121,14 +126,13 @@ def _normalise_matchers(option: str, value: object) -> tuple[Matcher, ...]:
 def _normalise_seconds(option: str, value: object, *, allow_none: bool) -> float | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    try:
+        return to_seconds(value)
+    except TypeError:
         none = " or None for no cap" if allow_none else ""
         raise ConfigurationError(
             f"RetryPolicy: {option} must be a number of seconds or a timedelta{none}; got {value!r}"
-        )
-    return float(value)
+        ) from None
 
 
 def _normalise_backoff(value: object) -> Wait:
@@ -261,7 +265,11 @@ class RetryPolicy:
         return RetryPolicy(**{**fields, **changes})
 
     def next_delay(self, state: AttemptState) -> float:
-        """The backoff after the attempt ``state`` describes, in seconds (never negative)."""
+        """The backoff after the attempt ``state`` describes, in seconds.
+
+        Never negative; a strategy's NaN or negative value counts as 0, and its infinity stays
+        infinite, which :func:`decide` reads as "no further attempt".
+        """
         call = RetryCallState(_RETRYING, None, (), {})
         call.attempt_number = state.attempt
         call.start_time = 0.0
@@ -271,7 +279,7 @@ class RetryPolicy:
         outcome.set_exception(state.exception)
         call.outcome = outcome
         delay = float(self.backoff(call))
-        return delay if math.isfinite(delay) and delay > 0 else 0.0
+        return delay if delay > 0 else 0.0  # NaN > 0 is False
 
     def delays(self, n: int) -> list[float]:
         """The first ``n`` delays of this policy's backoff, for attempts failing at once.
@@ -393,9 +401,9 @@ def decide(policy: RetryPolicy, state: AttemptState) -> RetryIn | GiveUp:
     (``"permanent"``); a ``give_up_on`` match gives up (``"exception"``); a failure that neither
     matches ``retry_on`` nor carries :class:`~resilient_tasks.RetryAfter` gives up
     (``"exception"``); reaching ``max_attempts`` gives up (``"retries_exhausted"``); a retry that
-    would start later than ``max_elapsed`` after the first attempt gives up
-    (``"deadline_exceeded"``); anything else is retried after the ``RetryAfter`` delay or the
-    policy's backoff.
+    would start later than ``max_elapsed`` after the first attempt, or never (a backoff of
+    infinity), gives up (``"deadline_exceeded"``); anything else is retried after the
+    ``RetryAfter`` delay or the policy's backoff.
 
     Example::
 
@@ -418,6 +426,8 @@ def decide(policy: RetryPolicy, state: AttemptState) -> RetryIn | GiveUp:
     if policy.max_attempts is not None and state.attempt >= policy.max_attempts:
         return GiveUp("retries_exhausted")
     delay = retry_after.seconds if retry_after is not None else policy.next_delay(state)
-    if policy.max_elapsed is not None and state.elapsed + delay > policy.max_elapsed:
+    if math.isinf(delay) or (
+        policy.max_elapsed is not None and state.elapsed + delay > policy.max_elapsed
+    ):
         return GiveUp("deadline_exceeded")
     return RetryIn(delay)

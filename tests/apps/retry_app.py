@@ -7,10 +7,9 @@ from typing import Any
 from celery import Task
 from tenacity import wait_exponential, wait_fixed
 
+from apps.base import append, make_app, record
 from resilient_tasks import Permanent, ResilientTask, RetryAfter, RetryPolicy
 from resilient_tasks.history import History
-
-from apps.base import append, make_app, record
 
 app = make_app(__name__)
 

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apps.base import ENV_READY_FILE, ENV_SETTINGS, read_log
 from celery import Celery
 from celery.result import AsyncResult
+
+from apps.base import ENV_READY_FILE, ENV_SETTINGS, read_log
 
 from .brokers import Broker
 
@@ -68,8 +69,9 @@ class Worker:
             if predicate():
                 return
             time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}\n--- worker output ---\n"
-                             f"{self.output_text()[-4000:]}")
+        raise AssertionError(
+            f"timed out waiting for {what}\n--- worker output ---\n{self.output_text()[-4000:]}"
+        )
 
 
 class WorkerRunner:
@@ -118,7 +120,9 @@ class WorkerRunner:
             **os.environ,
             ENV_SETTINGS: json.dumps(conf),
             ENV_READY_FILE: str(ready),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])),
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])
+            ),
         }
         cmd = [
             sys.executable, "-m", "celery", "-A", module, "worker",
@@ -133,8 +137,9 @@ class WorkerRunner:
             )
         client = Celery(f"client-{label}")
         client.conf.update(conf)
-        worker = Worker(process, client, queues[0], queues, self.tmp_path / f"{label}.log", output,
-                        conf)
+        worker = Worker(
+            process, client, queues[0], queues, self.tmp_path / f"{label}.log", output, conf
+        )
         self.workers.append(worker)
         deadline = time.monotonic() + READY_TIMEOUT
         while not ready.exists():

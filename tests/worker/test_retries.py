@@ -6,11 +6,13 @@ attempt saw from the attempt log the task writes (``apps.base.record``).
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
 import pytest
 from celery.result import AsyncResult
+
 from support.worker import Worker, WorkerRunner
 
 APP = "apps.retry_app"
@@ -27,7 +29,7 @@ def attempts_of(worker: Worker, task: str) -> list[dict[str, Any]]:
 
 
 def gaps(attempts: list[dict[str, Any]]) -> list[float]:
-    return [b["t"] - a["t"] for a, b in zip(attempts, attempts[1:], strict=False)]
+    return [b["t"] - a["t"] for a, b in itertools.pairwise(attempts)]
 
 
 def test_transient_failures_are_retried_with_the_policy_delays(workers: WorkerRunner) -> None:

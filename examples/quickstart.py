@@ -49,9 +49,9 @@ app.conf.update(
     worker_log_format="    worker | %(message)s",
     worker_task_log_format="    worker | %(task_name)s: %(message)s",
 )
+(FOLDER / "results").mkdir(parents=True, exist_ok=True)
 if BROKER.startswith("filesystem"):
     (FOLDER / "broker").mkdir(parents=True, exist_ok=True)
-    (FOLDER / "results").mkdir(parents=True, exist_ok=True)
     app.conf.broker_transport_options = {
         "data_folder_in": str(FOLDER / "broker"),
         "data_folder_out": str(FOLDER / "broker"),
@@ -161,6 +161,11 @@ def main() -> None:
         print("stopping the worker...")
     finally:
         stop_worker(worker)
+        if not BROKER.startswith("filesystem"):
+            with app.connection_for_write() as conn:  # leave the broker as we found it
+                queue = app.amqp.queues[QUEUE].bind(conn.default_channel)
+                queue.declare()  # so this process knows its bindings and removes them too
+                queue.delete()
 
 
 if __name__ == "__main__":

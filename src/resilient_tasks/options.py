@@ -42,6 +42,7 @@ CELERY_TASK_OPTIONS = frozenset(
         "retry_backoff_max",
         "retry_jitter",
         "retry_kwargs",
+        "retry_on_worker_lost",
         "send_events",
         "serializer",
         "soft_time_limit",
@@ -65,7 +66,10 @@ def task_label(cls: type) -> str:
 
 def invalid(cls: type, option: str, value: object, problem: str) -> ConfigurationError:
     """The error for option ``option`` of task ``cls`` holding ``value``."""
-    return ConfigurationError(f"task {task_label(cls)!r}: option {option}={value!r}: {problem}")
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return ConfigurationError(f"task {task_label(cls)!r}: option {option}={shown}: {problem}")
 
 
 def check_seconds(cls: type, option: str, *, allow_zero: bool = False) -> float | None:
@@ -127,6 +131,4 @@ def check_no_misspelt_options(cls: type, known: Iterable[str]) -> None:
             continue
         close = difflib.get_close_matches(attr, known, n=1, cutoff=0.8)
         if close:
-            raise invalid(
-                cls, attr, own[attr], f"unknown option; did you mean {close[0]}={own[attr]!r}?"
-            )
+            raise invalid(cls, attr, own[attr], f"unknown option; did you mean {close[0]}?")

@@ -20,6 +20,7 @@ from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 
 from .history import HEADER, Attempt, History
@@ -44,8 +45,31 @@ _attempt_started: ContextVar[datetime | None] = ContextVar(
 )
 # Celery's control-flow exceptions: never a failure to retry.
 _CELERY_CONTROL = (Retry, Ignore, Reject)
-# Celery's autoretry options, which a retry_policy replaces.
-_AUTORETRY_OPTIONS = ("retry_kwargs", "retry_backoff", "retry_backoff_max", "retry_jitter")
+# Celery's autoretry options, which a retry_policy replaces, and what to use instead.
+_AUTORETRY_OPTIONS = {
+    "autoretry_for": "list these exceptions in RetryPolicy(retry_on=...)",
+    "dont_autoretry_for": "list these exceptions in RetryPolicy(give_up_on=...)",
+    "retry_kwargs": "put max_retries in RetryPolicy(max_attempts=max_retries + 1) and the "
+    "countdown in RetryPolicy(backoff=...)",
+    "retry_backoff": "put the backoff in RetryPolicy(backoff=...)",
+    "retry_backoff_max": "put the cap in the wait strategy, e.g. wait_exponential(max=...)",
+    "retry_jitter": "use a jittered wait strategy, e.g. wait_random_exponential(...)",
+}
+# RabbitMQ's dead-lettering headers: copied onto a republished message, RabbitMQ would read the
+# retry as a dead-letter cycle (Celery >= 5.5 drops them from its own retries too).
+_X_DEATH_HEADERS = frozenset(
+    {
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
+# Marks a class whose max_retries this mixin derived from its retry_policy.
+_DERIVED = "_resilient_max_retries_from_policy"
 
 
 def _utcnow() -> datetime:
@@ -86,6 +110,7 @@ class RetryMixin(_TaskBase):  # type: ignore[misc]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        _check_order(cls)
         policy = getattr(cls, "retry_policy", None)
         if policy is not None and not isinstance(policy, RetryPolicy):
             raise invalid(
@@ -109,33 +134,14 @@ class RetryMixin(_TaskBase):  # type: ignore[misc]
                 cls, "retry_kwargs", retry_kwargs, "expected a dict of Task.retry options"
             )
         if policy is None:
+            if "max_retries" not in cls.__dict__:
+                # Not one inherited from a parent's policy: Celery's own, as on a plain Task.
+                cls.max_retries = _celery_max_retries(cls)
+            setattr(cls, _DERIVED, False)
             return
-        if getattr(cls, "autoretry_for", ()):
-            raise invalid(
-                cls,
-                "autoretry_for",
-                cls.autoretry_for,
-                "the task also sets retry_policy; list these exceptions in "
-                "RetryPolicy(retry_on=...) and drop autoretry_for",
-            )
-        if "max_retries" in cls.__dict__:
-            raise invalid(
-                cls,
-                "max_retries",
-                cls.__dict__["max_retries"],
-                "the task also sets retry_policy; use RetryPolicy(max_attempts=...) instead "
-                "(max_attempts counts the first attempt: max_retries + 1)",
-            )
-        for option in _AUTORETRY_OPTIONS:
-            if option in cls.__dict__:
-                raise invalid(
-                    cls,
-                    option,
-                    cls.__dict__[option],
-                    "the task also sets retry_policy, which replaces Celery's autoretry options; "
-                    "put the backoff in RetryPolicy(backoff=...)",
-                )
+        _check_no_celery_retry_options(cls)
         cls.max_retries = None if policy.max_attempts is None else policy.max_attempts - 1
+        setattr(cls, _DERIVED, True)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         token = _attempt_started.set(_utcnow())
@@ -180,7 +186,7 @@ class RetryMixin(_TaskBase):  # type: ignore[misc]
             )
             history = History.from_headers(request.headers).record(attempt)
             options["headers"] = {
-                **(request.headers or {}),
+                **_without_x_death(request.headers),
                 **(options.get("headers") or {}),
                 HEADER: history.encode(),
             }
@@ -198,6 +204,46 @@ class RetryMixin(_TaskBase):  # type: ignore[misc]
             started=_attempt_started.get() or now,
             now=now,
         )
+
+
+def _check_order(cls: type) -> None:
+    mro = cls.__mro__
+    if Task in mro and mro.index(Task) < mro.index(RetryMixin):
+        raise invalid(
+            cls,
+            "bases",
+            tuple(b.__name__ for b in cls.__bases__),
+            "celery.Task comes before RetryMixin, so Celery's methods would shadow the mixin's "
+            "and no policy would apply; list the mixins first: class MyTask(RetryMixin, Task)",
+        )
+
+
+def _check_no_celery_retry_options(cls: type) -> None:
+    """With a retry_policy, Celery's own retry options would be a second, conflicting policy."""
+    if "max_retries" in cls.__dict__:
+        raise invalid(
+            cls,
+            "max_retries",
+            cls.__dict__["max_retries"],
+            "the task also sets retry_policy; use RetryPolicy(max_attempts=...) instead "
+            "(max_attempts counts the first attempt: max_retries + 1)",
+        )
+    for option, fix in _AUTORETRY_OPTIONS.items():
+        value = getattr(cls, option, None)
+        if option in cls.__dict__ or (option.endswith("autoretry_for") and value):
+            raise invalid(cls, option, value, f"the task also sets retry_policy; {fix}")
+
+
+def _celery_max_retries(cls: type) -> Any:
+    """The max_retries the nearest base sets itself, skipping values derived from a policy."""
+    for klass in cls.__mro__[1:]:
+        if "max_retries" in klass.__dict__ and not klass.__dict__.get(_DERIVED, False):
+            return klass.__dict__["max_retries"]
+    return None
+
+
+def _without_x_death(headers: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (headers or {}).items() if k not in _X_DEATH_HEADERS}
 
 
 def _delay_of(

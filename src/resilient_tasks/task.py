@@ -19,6 +19,8 @@ __all__ = ["ResilientTask"]
 
 #: The options this library adds to Celery's, for spotting a misspelt one.
 LIBRARY_OPTIONS = frozenset({"retry_policy"})
+#: Options of the design that this release does not implement yet: refused rather than ignored.
+NOT_YET_AVAILABLE = ("dead_letter", "dead_letter_queue", "failure_handlers", "max_redeliveries")
 
 
 class ResilientTask(RetryMixin, Task):  # type: ignore[misc]
@@ -60,7 +62,17 @@ class ResilientTask(RetryMixin, Task):  # type: ignore[misc]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        check_no_misspelt_options(cls, CELERY_TASK_OPTIONS | LIBRARY_OPTIONS)
+        for option in NOT_YET_AVAILABLE:
+            if option in cls.__dict__:
+                raise invalid(
+                    cls,
+                    option,
+                    cls.__dict__[option],
+                    "not available in this release of resilient-tasks yet; remove it",
+                )
+        check_no_misspelt_options(
+            cls, CELERY_TASK_OPTIONS | LIBRARY_OPTIONS | set(NOT_YET_AVAILABLE)
+        )
         check_bool(cls, "acks_late")
         check_bool(cls, "reject_on_worker_lost")
         soft = check_seconds(cls, "soft_time_limit")

@@ -63,6 +63,20 @@ TASK_OPTIONS: list[tuple[dict[str, Any], str]] = [
         "retry_backoff=True: the task also sets retry_policy",
     ),
     ({"retry_polcy": RetryPolicy()}, "retry_polcy=RetryPolicy("),
+    (
+        {"retry_policy": RetryPolicy(), "dont_autoretry_for": (KeyError,)},
+        "dont_autoretry_for=(<class 'KeyError'>,): the task also sets retry_policy; "
+        "list these exceptions in RetryPolicy(give_up_on=...)",
+    ),
+    (
+        {"retry_policy": RetryPolicy(), "retry_kwargs": {"max_retries": 5}},
+        "retry_kwargs={'max_retries': 5}: the task also sets retry_policy; put max_retries in "
+        "RetryPolicy(max_attempts=max_retries + 1)",
+    ),
+    ({"dead_letter": True}, "dead_letter=True: not available in this release"),
+    ({"dead_letter_queue": "{queue}.dlq"}, "dead_letter_queue='{queue}.dlq': not available"),
+    ({"failure_handlers": {}}, "failure_handlers={}: not available"),
+    ({"max_redeliveries": 3}, "max_redeliveries=3: not available"),
 ]
 
 
@@ -79,7 +93,7 @@ def test_bad_task_option_names_the_task_and_the_option(
 
 
 def test_misspelt_option_suggests_the_right_one(app: Celery) -> None:
-    with pytest.raises(ConfigurationError, match=r"did you mean retry_policy="):
+    with pytest.raises(ConfigurationError, match=r"unknown option; did you mean retry_policy\?"):
         make_task(app, retry_polcy=RetryPolicy())
 
 
@@ -130,11 +144,28 @@ def test_lazy_task_is_validated_when_the_app_is_finalized() -> None:
         app.finalize()
 
 
-def test_mixin_after_celery_task_is_a_supported_order() -> None:
+def test_mixin_before_celery_task_takes_its_max_retries_from_the_policy() -> None:
     class Retrying(RetryMixin, Task):  # type: ignore[misc]
         retry_policy = RetryPolicy(max_attempts=4)
 
     assert Retrying.max_retries == 3
+
+
+def test_mixin_after_celery_task_is_refused_because_it_would_never_run() -> None:
+    with pytest.raises(ConfigurationError, match=r"list the mixins first"):
+
+        class Shadowed(Task, RetryMixin):  # type: ignore[misc]
+            retry_policy = RetryPolicy(max_attempts=4)
+
+
+def test_a_task_dropping_its_parents_policy_gets_celerys_max_retries_back(app: Celery) -> None:
+    class Base(ResilientTask):  # type: ignore[misc]
+        retry_policy = RetryPolicy(max_attempts=10)
+
+    task = app.task(base=Base, name="no.policy", shared=False, retry_policy=None)(ok)
+
+    assert Base.max_retries == 9
+    assert task.max_retries == Task.max_retries == 3
 
 
 def test_valid_configuration_is_accepted_and_max_retries_follows_the_policy(app: Celery) -> None:

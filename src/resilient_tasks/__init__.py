@@ -12,6 +12,7 @@ story of every attempt::
 
 from __future__ import annotations
 
+from .deadletter import DeadLetterMixin
 from .exceptions import ConfigurationError, Permanent, RetryAfter
 from .policy import RetryPolicy
 from .retry import RetryMixin
@@ -19,6 +20,7 @@ from .task import ResilientTask
 
 __all__ = [
     "ConfigurationError",
+    "DeadLetterMixin",
     "Permanent",
     "ResilientTask",
     "RetryAfter",

@@ -21,8 +21,10 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
-from celery.exceptions import Ignore, Reject, Retry
+from celery.exceptions import Ignore, MaxRetriesExceededError, Reject, Retry
 
+from . import _reason
+from .exceptions import Permanent
 from .history import HEADER, Attempt, History
 from .options import (
     check_bool,
@@ -31,7 +33,7 @@ from .options import (
     check_seconds,
     invalid,
 )
-from .policy import AttemptState, RetryIn, RetryPolicy, decide
+from .policy import AttemptState, Reason, RetryIn, RetryPolicy, decide, exception_chain
 
 if TYPE_CHECKING:
     from celery import Task as _TaskBase
@@ -151,12 +153,15 @@ class RetryMixin(_TaskBase):  # type: ignore[misc]
             raise
         except Exception as exc:
             policy = self.retry_policy
-            request = self.request
-            if policy is None or request.called_directly:
+            if self.request.called_directly:
+                raise
+            if policy is None:
+                _reason.mark(exc, self._celery_reason(exc))
                 raise
             decision = decide(policy, self._attempt_state(exc))
             if isinstance(decision, RetryIn):
                 raise self.retry(exc=exc, countdown=decision.delay) from exc
+            _reason.mark(exc, decision.reason)
             raise
         finally:
             _attempt_started.reset(token)
@@ -191,6 +196,24 @@ class RetryMixin(_TaskBase):  # type: ignore[misc]
                 HEADER: history.encode(),
             }
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+
+    def _celery_reason(self, exc: BaseException) -> Reason:
+        """Why a task without a policy stopped: Celery's autoretry ran out, or it just raised."""
+        chain = tuple(exception_chain(exc))
+        if any(isinstance(e, Permanent) for e in chain):
+            return "permanent"
+        if isinstance(exc, MaxRetriesExceededError):
+            return "retries_exhausted"
+        autoretry = tuple(getattr(self, "autoretry_for", ()) or ())
+        max_retries = self.max_retries
+        if (
+            autoretry
+            and isinstance(exc, autoretry)
+            and max_retries is not None
+            and self.request.retries >= max_retries
+        ):
+            return "retries_exhausted"
+        return "exception"
 
     def _attempt_state(self, exc: BaseException) -> AttemptState:
         request = self.request

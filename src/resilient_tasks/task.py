@@ -6,6 +6,7 @@ from typing import Any
 
 from celery import Task
 
+from .deadletter import DeadLetterMixin
 from .options import (
     CELERY_TASK_OPTIONS,
     check_bool,
@@ -18,13 +19,16 @@ from .retry import RetryMixin
 __all__ = ["ResilientTask"]
 
 #: The options this library adds to Celery's, for spotting a misspelt one.
-LIBRARY_OPTIONS = frozenset({"retry_policy"})
+LIBRARY_OPTIONS = frozenset({"retry_policy", "dead_letter", "dead_letter_queue"})
 #: Options of the design that this release does not implement yet: refused rather than ignored.
-NOT_YET_AVAILABLE = ("dead_letter", "dead_letter_queue", "failure_handlers", "max_redeliveries")
+NOT_YET_AVAILABLE = ("failure_handlers", "max_redeliveries")
 
 
-class ResilientTask(RetryMixin, Task):  # type: ignore[misc]
-    """A ``celery.Task`` that retries with backoff by policy and keeps each attempt's story.
+class ResilientTask(RetryMixin, DeadLetterMixin, Task):  # type: ignore[misc]
+    """A ``celery.Task`` that retries by policy and dead-letters what finally fails.
+
+    It combines :class:`~resilient_tasks.RetryMixin` (``retry_policy``) and
+    :class:`~resilient_tasks.DeadLetterMixin` (``dead_letter``, ``dead_letter_queue``).
 
     Use it as the base of a task; nothing else in the project changes. Options are validated
     when the task class is created (at import, or at the latest when the app is finalized):

@@ -48,6 +48,7 @@ class Broker:
                 for name in queues:
                     channel.queue_delete(name)
                     channel.exchange_delete(name)
+                    channel.queue_delete(f"{name}.dlq")
         elif self.kind == "redis":
             with self.connection() as conn:
                 client = conn.default_channel.client

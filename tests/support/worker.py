@@ -22,6 +22,7 @@ from typing import Any
 
 from celery import Celery
 from celery.result import AsyncResult
+from kombu import Queue
 
 from apps.base import ENV_READY_FILE, ENV_SETTINGS, read_log
 
@@ -58,6 +59,45 @@ class Worker:
 
     def signature(self, name: str, *args: Any, **options: Any) -> Any:
         return self.client.signature(name, args=[*args, str(self.log)], **options)
+
+    def drain(self, queue: str) -> list[Any]:
+        """Consume and return every message body now in ``queue`` (e.g. a dead-letter queue)."""
+        bodies = []
+        self._wait_until_written(queue)
+        with self.client.connection_for_read() as conn:
+            bound = Queue(queue, durable=True).bind(conn.default_channel)
+            bound.declare()
+            while (message := bound.get(no_ack=False)) is not None:
+                bodies.append(message.decode())
+                message.ack()
+        return bodies
+
+    def _wait_until_written(self, queue: str) -> None:
+        """Kombu's filesystem transport creates a message file before writing it, and its reader
+        takes files without locking, so a reader can take a half-written message. Wait until
+        every file of ``queue`` is complete (non-empty and untouched for 50 ms)."""
+        folder = self.settings.get("broker_transport_options", {}).get("data_folder_in")
+        if not folder:
+            return
+        for _ in range(100):
+            files = [f for f in Path(folder).glob(f"*.{queue}.msg") if f.exists()]
+            try:
+                if all(f.stat().st_size and time.time() - f.stat().st_mtime > 0.05 for f in files):
+                    return
+            except FileNotFoundError:
+                pass
+            time.sleep(0.02)
+
+    def dead_letters(self, count: int, queue: str | None = None, timeout: float = 30) -> list[Any]:
+        """Wait until ``count`` envelopes have arrived in the dead-letter queue; return them."""
+        queue = queue or f"{self.queue}.dlq"
+        found: list[Any] = []
+        self.wait_for(
+            lambda: found.extend(self.drain(queue)) or len(found) >= count,
+            timeout=timeout,
+            what=f"{count} dead letters in {queue} (have {len(found)})",
+        )
+        return found
 
     def output_text(self) -> str:
         return self.output.read_text(errors="replace") if self.output.exists() else ""

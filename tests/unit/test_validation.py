@@ -73,8 +73,16 @@ TASK_OPTIONS: list[tuple[dict[str, Any], str]] = [
         "retry_kwargs={'max_retries': 5}: the task also sets retry_policy; put max_retries in "
         "RetryPolicy(max_attempts=max_retries + 1)",
     ),
-    ({"dead_letter": True}, "dead_letter=True: not available in this release"),
-    ({"dead_letter_queue": "{queue}.dlq"}, "dead_letter_queue='{queue}.dlq': not available"),
+    ({"dead_letter": "yes"}, "dead_letter='yes': expected True or False"),
+    ({"dead_letter": None}, "dead_letter=None: expected True or False"),
+    ({"dead_letter_queue": ""}, "dead_letter_queue='': expected a queue name"),
+    ({"dead_letter_queue": 7}, "dead_letter_queue=7: expected a queue name"),
+    (
+        {"dead_letter_queue": "{queu}.dlq"},
+        "dead_letter_queue='{queu}.dlq': unknown template field {queu}; "
+        "the fields are {queue}, {task}",
+    ),
+    ({"dead_letter_queue": "{queue.dlq"}, "dead_letter_queue='{queue.dlq': not a valid template"),
     ({"failure_handlers": {}}, "failure_handlers={}: not available"),
     ({"max_redeliveries": 3}, "max_redeliveries=3: not available"),
 ]

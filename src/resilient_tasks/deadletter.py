@@ -1,0 +1,163 @@
+"""Where dead-lettering happens: :class:`DeadLetterMixin` forwards every terminal failure, as an
+envelope (:mod:`resilient_tasks.envelope`), to a dead-letter queue on the same broker.
+
+The forwarding runs in the worker's main process, in the task's ``Request.on_failure``
+(:mod:`resilient_tasks.request`), where the message exactly as the broker delivered it is at
+hand, and *before* Celery acknowledges it:
+
+1. the envelope is published persistent to the dead-letter queue (declared durable), through
+   Kombu's producer pool with publisher confirms on RabbitMQ, retried by Kombu's retry policy on
+   connection errors;
+2. only then does Celery go on: it records FAILURE, fires ``link_error`` and acknowledges.
+
+If the envelope cannot be published (a nack, a lost connection, retries spent), nothing is lost:
+with ``acks_late`` (the default) the message is rejected with requeue and comes back, and the
+envelope is logged at error level. With ``acks_late=False`` the message was acknowledged before
+it ran, so the log line is all that remains.
+"""
+
+from __future__ import annotations
+
+import logging
+import string
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from kombu.entity import Queue
+from kombu.pools import producers
+
+from .options import check_bool, invalid
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from celery import Task as _TaskBase
+else:
+    _TaskBase = object
+
+__all__ = ["DEAD_LETTER_TEMPLATE_FIELDS", "DeadLetterMixin", "dead_letter_queue_name"]
+
+logger = logging.getLogger(__name__)
+
+#: The fields a ``dead_letter_queue`` template may use.
+DEAD_LETTER_TEMPLATE_FIELDS = frozenset({"queue", "task"})
+#: Kombu's retry policy for the dead-letter publish: about 3 s of reconnecting at the most.
+PUBLISH_RETRY_POLICY: Mapping[str, Any] = {
+    "max_retries": 3,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 1.0,
+}
+#: Message headers on a published envelope, for tools that filter without decoding.
+HEADER_REASON = "resilient_reason"
+HEADER_TASK = "resilient_task"
+
+
+def dead_letter_queue_name(template: str, *, queue: str, task: str) -> str:
+    """The dead-letter queue for a task that came from ``queue``.
+
+    Example::
+
+        >>> dead_letter_queue_name("{queue}.dlq", queue="billing", task="billing.sync")
+        'billing.dlq'
+        >>> dead_letter_queue_name("dead-letters", queue="billing", task="billing.sync")
+        'dead-letters'
+    """
+    return template.format(queue=queue or "celery", task=task)
+
+
+def _template_fields(template: str) -> set[str]:
+    return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+
+
+class DeadLetterMixin(_TaskBase):  # type: ignore[misc]
+    """Forward every terminal failure, with its whole story, to a dead-letter queue.
+
+    Combine it with ``celery.Task`` (mixins first), or use
+    :class:`~resilient_tasks.ResilientTask`, which includes it.
+
+    Options (class attributes or ``@app.task`` keywords):
+        dead_letter: ``True`` (default) forwards terminal failures; ``False`` does not (the task
+            then fails exactly as on a plain ``celery.Task``).
+        dead_letter_queue: the queue name, or a template of it with ``{queue}`` (the queue the
+            task came from, i.e. its routing key) and ``{task}`` (the task name). Default
+            ``"{queue}.dlq"``.
+
+    A terminal failure is one that will not be retried: the retry policy gave up (reason
+    ``retries_exhausted``, ``deadline_exceeded``, ``permanent`` or ``exception``), Celery's own
+    ``autoretry_for`` ran out, or the task raised without any retry. Retries, ``Ignore`` and
+    ``Reject`` are not failures.
+
+    The publishing happens in the worker's main process, through this mixin's ``Request`` class;
+    a task that sets its own ``Request`` must subclass
+    :class:`resilient_tasks.request.ResilientRequest`.
+
+    Example::
+
+        from celery import Celery, Task
+        from resilient_tasks import DeadLetterMixin
+
+        app = Celery("proj")
+
+        class DeadLettering(DeadLetterMixin, Task):
+            dead_letter_queue = "{queue}.failed"
+
+        @app.task(base=DeadLettering, acks_late=True)
+        def export(report_id): ...
+    """
+
+    dead_letter: bool = True
+    dead_letter_queue: str = "{queue}.dlq"
+    Request = "resilient_tasks.request:ResilientRequest"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        check_bool(cls, "dead_letter", allow_none=False)
+        template = getattr(cls, "dead_letter_queue", None)
+        if not isinstance(template, str) or not template.strip():
+            raise invalid(
+                cls, "dead_letter_queue", template, 'expected a queue name such as "{queue}.dlq"'
+            )
+        try:
+            fields = _template_fields(template)
+        except ValueError as exc:
+            raise invalid(
+                cls, "dead_letter_queue", template, f"not a valid template: {exc}"
+            ) from None
+        unknown = fields - DEAD_LETTER_TEMPLATE_FIELDS
+        if unknown:
+            raise invalid(
+                cls,
+                "dead_letter_queue",
+                template,
+                f"unknown template field {{{sorted(unknown)[0]}}}; the fields are "
+                + ", ".join(f"{{{f}}}" for f in sorted(DEAD_LETTER_TEMPLATE_FIELDS)),
+            )
+
+    def dead_letter_queue_for(self, queue: str) -> str:
+        """The dead-letter queue for a message of this task that came from ``queue``."""
+        return dead_letter_queue_name(self.dead_letter_queue, queue=queue, task=self.name)
+
+
+def publish_envelope(app: Celery, queue: str, envelope: Mapping[str, Any]) -> None:
+    """Publish ``envelope`` persistent to the durable ``queue``; raise if the broker hasn't it.
+
+    On RabbitMQ the publish waits for the broker's confirm: a nack raises. Connection errors are
+    retried by Kombu's retry policy (:data:`PUBLISH_RETRY_POLICY`), then raise.
+    """
+    connection = app.connection_for_write(transport_options={"confirm_publish": True})
+    declared = app.amqp.queues.get(queue) or Queue(queue, durable=True)  # type: ignore[no-untyped-call]
+    with producers[connection].acquire(block=True, timeout=10) as producer:
+        producer.publish(
+            dict(envelope),
+            exchange="",
+            routing_key=queue,
+            serializer="json",
+            delivery_mode=2,
+            declare=[declared],
+            headers={
+                HEADER_REASON: envelope.get("reason"),
+                HEADER_TASK: envelope.get("task", {}).get("name"),
+            },
+            retry=True,
+            retry_policy=dict(PUBLISH_RETRY_POLICY),
+        )

@@ -1,0 +1,273 @@
+"""The dead-letter envelope: one JSON document per terminal failure, with its whole story.
+
+:func:`build_envelope` is pure: it takes the failed message as the broker had it, the exception,
+the attempt history and the moment, and returns the document in the
+``resilient_tasks.dead_letter/1`` schema. Bounds, so an envelope is never too large to publish
+and never dropped for what it carries:
+
+* tracebacks keep their last :data:`MAX_TRACEBACK_CHARS` characters;
+* argument values and exception messages that are not JSON-serialisable fall back to ``repr``,
+  and every ``repr`` and string argument is cut to :data:`MAX_REPR_CHARS`;
+* keyword arguments whose name matches a redaction pattern (:data:`DEFAULT_REDACT_PATTERNS`,
+  case-insensitive substrings) are replaced by ``"[REDACTED]"`` in ``task.kwargs``, at any
+  depth. ``original`` keeps the message exactly, because replay republishes it: protect the
+  dead-letter queue as you protect the queue it serves.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from .history import MAX_MESSAGE_CHARS, Attempt, History, exception_type_name, truncate
+from .policy import Reason
+
+__all__ = [
+    "DEFAULT_REDACT_PATTERNS",
+    "MAX_REPR_CHARS",
+    "MAX_TRACEBACK_CHARS",
+    "REDACTED",
+    "SCHEMA",
+    "FailedMessage",
+    "build_envelope",
+    "is_envelope",
+    "redact",
+]
+
+#: The envelope's ``schema`` field.
+SCHEMA = "resilient_tasks.dead_letter/1"
+#: Key fragments whose values are redacted (matched case-insensitively anywhere in the key).
+DEFAULT_REDACT_PATTERNS: tuple[str, ...] = (
+    "password",
+    "passwd",
+    "token",
+    "secret",
+    "authorization",
+    "api_key",
+    "apikey",
+    "private_key",
+    "credential",
+)
+#: What a redacted value is replaced with.
+REDACTED = "[REDACTED]"
+#: Tracebacks keep this many characters, from the end (where the raising line is).
+MAX_TRACEBACK_CHARS = 16_000
+#: Reprs of arguments and long string arguments are cut to this many characters.
+MAX_REPR_CHARS = 2_000
+_MAX_DEPTH = 20
+
+
+@dataclass(frozen=True)
+class FailedMessage:
+    """A task message as the broker delivered it, plus what the worker decoded from it.
+
+    Example::
+
+        >>> msg = FailedMessage(
+        ...     task_id="f7c9", task_name="billing.sync_invoice", args=(42,),
+        ...     kwargs={"api_key": "s3cr3t"}, headers={"id": "f7c9"}, properties={},
+        ...     body=b'[[42], {"api_key": "s3cr3t"}, {}]', content_type="application/json",
+        ...     content_encoding="utf-8", exchange="", routing_key="billing")
+        >>> msg.queue
+        'billing'
+    """
+
+    task_id: str
+    task_name: str
+    args: Sequence[Any]
+    kwargs: Mapping[str, Any]
+    headers: Mapping[str, Any]
+    properties: Mapping[str, Any]
+    body: bytes | str
+    content_type: str | None
+    content_encoding: str | None
+    exchange: str = ""
+    routing_key: str = ""
+    priority: int | None = None
+
+    @property
+    def queue(self) -> str:
+        """The queue the message came from: its routing key, as Celery's default routing has it."""
+        return self.routing_key
+
+
+def redact(value: Any, patterns: Iterable[str] = DEFAULT_REDACT_PATTERNS) -> Any:
+    """``value`` with every mapping entry whose key matches a pattern replaced by ``REDACTED``.
+
+    Example::
+
+        >>> redact({"user": "ann", "Password": "hunter2", "nested": {"api_key": "k"}})
+        {'user': 'ann', 'Password': '[REDACTED]', 'nested': {'api_key': '[REDACTED]'}}
+    """
+    lowered = tuple(p.lower() for p in patterns)
+    return _redact(value, lowered, 0)
+
+
+def _redact(value: Any, patterns: tuple[str, ...], depth: int) -> Any:
+    if depth > _MAX_DEPTH:
+        return value
+    if isinstance(value, Mapping):
+        return {
+            k: REDACTED
+            if isinstance(k, str) and any(p in k.lower() for p in patterns)
+            else _redact(v, patterns, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_redact(v, patterns, depth + 1) for v in value]
+    return value
+
+
+def jsonable(value: Any, depth: int = 0) -> Any:
+    """``value`` as JSON can carry it: containers converted, anything else ``repr``-ed, bounded.
+
+    Example::
+
+        >>> jsonable({"when": object, "ids": (1, 2), 3: float("nan")})
+        {'when': "<class 'object'>", 'ids': [1, 2], '3': 'nan'}
+    """
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, str):
+        return truncate(value, MAX_REPR_CHARS)
+    if depth < _MAX_DEPTH and isinstance(value, Mapping):
+        return {str(k): jsonable(v, depth + 1) for k, v in value.items()}
+    if depth < _MAX_DEPTH and isinstance(value, list | tuple | set | frozenset):
+        return [jsonable(v, depth + 1) for v in value]
+    if isinstance(value, bytes):
+        return truncate(repr(value), MAX_REPR_CHARS)
+    return truncate(_safe_repr(value), MAX_REPR_CHARS)
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        return repr(value)
+    except Exception:
+        return f"<unrepresentable {type(value).__name__}>"
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat()
+
+
+def _body_field(body: bytes | str, content_encoding: str | None) -> dict[str, Any]:
+    if isinstance(body, str):
+        return {"body": body, "body_encoding": "text"}
+    if content_encoding in (None, "utf-8", "utf8"):
+        try:
+            return {"body": body.decode("utf-8"), "body_encoding": "text"}
+        except UnicodeDecodeError:
+            pass
+    return {"body": base64.b64encode(body).decode("ascii"), "body_encoding": "base64"}
+
+
+def original_body(original: Mapping[str, Any]) -> bytes:
+    """The raw body an envelope's ``original`` section holds, as the broker had it.
+
+    Example::
+
+        >>> original_body({"body": "[[], {}, {}]", "body_encoding": "text"})
+        b'[[], {}, {}]'
+    """
+    body = original.get("body", "")
+    if original.get("body_encoding") == "base64":
+        return base64.b64decode(body)
+    return str(body).encode("utf-8")
+
+
+def build_envelope(
+    message: FailedMessage,
+    *,
+    reason: Reason,
+    exception: BaseException | None,
+    exception_type: str | None = None,
+    traceback: str = "",
+    history: History,
+    final: Attempt,
+    dead_lettered_at: datetime,
+    canvas: Mapping[str, Any] | None = None,
+    redact_patterns: Iterable[str] = DEFAULT_REDACT_PATTERNS,
+) -> dict[str, Any]:
+    """The envelope for ``message`` failing for good for ``reason``.
+
+    ``history`` is what the message carried; ``final`` is the attempt that failed last.
+    ``exception_type`` overrides the type name taken from ``exception`` (for an exception that
+    crossed a process boundary as a wrapper).
+
+    Example::
+
+        >>> from datetime import datetime, timezone
+        >>> t = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        >>> msg = FailedMessage("f7c9", "billing.sync", (42,), {"token": "x"}, {"id": "f7c9"},
+        ...                     {}, b"[[42], {}, {}]", "application/json", "utf-8", "", "billing")
+        >>> env = build_envelope(msg, reason="permanent", exception=KeyError("gone"),
+        ...                      history=History(), dead_lettered_at=t,
+        ...                      final=Attempt.failed(1, KeyError("gone"), hostname="w1",
+        ...                                           delay=None, at=t))
+        >>> env["reason"], env["task"]["kwargs"], env["exception"]["type"]
+        ('permanent', {'token': '[REDACTED]'}, 'KeyError')
+    """
+    attempts = history.record(final)
+    exc_type = exception_type or (exception_type_name(exception) if exception else "unknown")
+    exc_message = "" if exception is None else _exception_message(exception)
+    return {
+        "schema": SCHEMA,
+        "reason": reason,
+        "task": {
+            "id": message.task_id,
+            "name": message.task_name,
+            "args": jsonable(list(message.args)),
+            "kwargs": jsonable(redact(dict(message.kwargs), redact_patterns)),
+            "queue": message.queue,
+            "exchange": message.exchange,
+            "routing_key": message.routing_key,
+            "priority": message.priority,
+        },
+        "exception": {
+            "type": exc_type,
+            "message": truncate(exc_message, MAX_MESSAGE_CHARS * 4),
+            "traceback": _tail(traceback, MAX_TRACEBACK_CHARS),
+        },
+        "attempts": [a.as_dict() for a in attempts.attempts],
+        "attempts_dropped": attempts.dropped,
+        "first_attempt_at": attempts.first_attempt_at,
+        "dead_lettered_at": _iso(dead_lettered_at),
+        "canvas": jsonable(dict(canvas or {})),
+        "original": {
+            "headers": jsonable(dict(message.headers)),
+            "properties": jsonable(dict(message.properties)),
+            **_body_field(message.body, message.content_encoding),
+            "content_type": message.content_type,
+            "content_encoding": message.content_encoding,
+        },
+    }
+
+
+def _exception_message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return _safe_repr(exc)
+
+
+def _tail(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return "...(cut)...\n" + text[-(limit - 13) :]
+
+
+def is_envelope(body: object) -> bool:
+    """Whether a decoded message body is a resilient-tasks dead-letter envelope.
+
+    Example::
+
+        >>> is_envelope({"schema": SCHEMA}), is_envelope([[], {}, {}])
+        (True, False)
+    """
+    return isinstance(body, Mapping) and body.get("schema") == SCHEMA

@@ -1,0 +1,130 @@
+"""Terminal failures are dead-lettered with their whole story, on a real worker, every broker."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from celery.result import AsyncResult
+
+from resilient_tasks.envelope import REDACTED, SCHEMA, original_body
+from support.worker import Worker, WorkerRunner
+
+APP = "apps.deadletter_app"
+pytestmark = pytest.mark.worker
+
+
+def fail(result: AsyncResult) -> Any:
+    exc = result.get(timeout=30, interval=0.05, propagate=False)
+    assert result.state == "FAILURE"
+    return exc
+
+
+def only_envelope(worker: Worker) -> dict[str, Any]:
+    (envelope,) = worker.dead_letters(1)
+    time.sleep(0.3)
+    assert worker.drain(f"{worker.queue}.dlq") == [], "dead-lettered more than once"
+    return envelope
+
+
+def test_permanent_failure_is_dead_lettered_once_with_its_story(workers: WorkerRunner) -> None:
+    worker = workers.start(APP)
+    result = worker.send("dl.permanent", 42, priority=3, headers={"tenant": "acme"})
+
+    fail(result)
+    envelope = only_envelope(worker)
+
+    assert envelope["schema"] == SCHEMA
+    assert envelope["reason"] == "permanent"
+    task = envelope["task"]
+    assert (task["id"], task["name"], task["queue"]) == (result.id, "dl.permanent", worker.queue)
+    assert task["args"][0] == 42
+    assert task["priority"] == 3
+    assert envelope["exception"]["type"] == "resilient_tasks.exceptions.Permanent"
+    assert "invoice 42 was deleted" in envelope["exception"]["message"]
+    assert "LookupError" in envelope["exception"]["traceback"]
+    assert [a["number"] for a in envelope["attempts"]] == [1]
+    assert envelope["first_attempt_at"] <= envelope["dead_lettered_at"]
+    original = envelope["original"]
+    assert original["headers"]["id"] == result.id
+    assert original["headers"]["tenant"] == "acme"
+    assert original["content_type"] == "application/json"
+    assert original_body(original).startswith(b"[[42")
+
+
+def test_exhausted_retries_are_dead_lettered_with_every_attempt(workers: WorkerRunner) -> None:
+    worker = workers.start(APP)
+
+    fail(worker.send("dl.exhausted"))
+    envelope = only_envelope(worker)
+
+    assert envelope["reason"] == "retries_exhausted"
+    attempts = envelope["attempts"]
+    assert [a["number"] for a in attempts] == [1, 2, 3]
+    assert [a["delay"] for a in attempts] == [0.1, 0.1, None]
+    assert attempts[2]["message"] == "billing API down (attempt 3)"
+    assert all(a["hostname"] and a["exception_type"] == "ConnectionError" for a in attempts)
+    assert envelope["first_attempt_at"] == attempts[0]["at"]
+
+
+def test_unretried_exception_is_dead_lettered_with_secrets_redacted(
+    workers: WorkerRunner,
+) -> None:
+    worker = workers.start(APP)
+    kwargs = {"password": "hunter2", "options": {"api_key": "k-123", "region": "eu"}}
+
+    fail(worker.send("dl.unlisted", kwargs=kwargs))
+    envelope = only_envelope(worker)
+
+    assert envelope["reason"] == "exception"
+    assert envelope["task"]["kwargs"] == {
+        "password": REDACTED,
+        "options": {"api_key": REDACTED, "region": "eu"},
+    }
+    assert envelope["exception"]["type"] == "KeyError"
+
+
+def test_celery_autoretry_running_out_is_dead_lettered_as_exhausted(
+    workers: WorkerRunner,
+) -> None:
+    worker = workers.start(APP)
+
+    fail(worker.send("dl.autoretry"))
+    envelope = only_envelope(worker)
+
+    assert envelope["reason"] == "retries_exhausted"
+    assert [a["number"] for a in envelope["attempts"]] == [1, 2]
+
+
+def test_dead_letter_false_leaves_the_failure_as_celery_has_it(workers: WorkerRunner) -> None:
+    worker = workers.start(APP)
+
+    fail(worker.send("dl.off"))
+    time.sleep(0.5)
+
+    assert worker.drain(f"{worker.queue}.dlq") == []
+
+
+def test_dead_letter_queue_template_names_the_queue(workers: WorkerRunner) -> None:
+    worker = workers.start(APP)
+    workers.queues.add(f"{worker.queue}.graveyard")
+
+    fail(worker.send("dl.custom_queue"))
+
+    (envelope,) = worker.dead_letters(1, queue=f"{worker.queue}.graveyard")
+    assert envelope["task"]["name"] == "dl.custom_queue"
+
+
+def test_failure_is_still_recorded_and_link_error_still_fires(workers: WorkerRunner) -> None:
+    worker = workers.start(APP)
+    result = worker.send("dl.unlisted", link_error=worker.signature("dl.errback"))
+
+    exc = fail(result)
+    worker.dead_letters(1)
+    worker.wait_for(
+        lambda: any(a["task"] == "dl.errback" for a in worker.attempts()), what="the errback"
+    )
+
+    assert isinstance(exc, KeyError)
+    assert [a["failed_id"] for a in worker.attempts() if a["task"] == "dl.errback"] == [result.id]

@@ -79,3 +79,9 @@ def sometimes(self: Task, n: int, broken: str, log: str) -> int:
 @app.task(bind=True, name="dl.errback")
 def errback(self: Task, failed_id: str, log: str) -> None:
     append(log, task="dl.errback", failed_id=failed_id)
+
+
+@app.task(bind=True, name="dl.step")
+def step(self: Task, x: int, log: str) -> int:
+    record(self, log, x=x)
+    return x + 1

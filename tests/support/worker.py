@@ -146,9 +146,14 @@ class WorkerRunner:
         concurrency: int = 2,
         pool: str = "prefork",
         settings: dict[str, Any] | None = None,
+        worker_settings: dict[str, Any] | None = None,
         extra_args: tuple[str, ...] = (),
     ) -> Worker:
-        """Start a worker for ``module`` on ``queues`` (default: one new queue) and wait for it."""
+        """Start a worker for ``module`` on ``queues`` (default: one new queue) and wait for it.
+
+        ``settings`` apply to the worker and the test's client; ``worker_settings`` to the worker
+        only (e.g. a ``broker_write_url`` through a proxy the test cuts).
+        """
         self._count += 1
         label = f"w{self._count}"
         queues = queues or [self.broker.queue_name()]
@@ -158,7 +163,7 @@ class WorkerRunner:
         output = self.tmp_path / f"{label}.out"
         env = {
             **os.environ,
-            ENV_SETTINGS: json.dumps(conf),
+            ENV_SETTINGS: json.dumps({**conf, **(worker_settings or {})}),
             ENV_READY_FILE: str(ready),
             "PYTHONPATH": os.pathsep.join(
                 filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])

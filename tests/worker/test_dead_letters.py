@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+from celery import chain, group
 from celery.result import AsyncResult
 
 from resilient_tasks.envelope import REDACTED, SCHEMA, original_body
+from support.proxy import CuttableProxy
 from support.worker import Worker, WorkerRunner
 
 APP = "apps.deadletter_app"
+DEFAULT_PORTS = {"amqp": 5672, "redis": 6379}
 pytestmark = pytest.mark.worker
 
 
@@ -128,3 +132,76 @@ def test_failure_is_still_recorded_and_link_error_still_fires(workers: WorkerRun
 
     assert isinstance(exc, KeyError)
     assert [a["failed_id"] for a in worker.attempts() if a["task"] == "dl.errback"] == [result.id]
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq", "redis"], indirect=True)
+def test_unpublishable_envelope_requeues_the_message_and_loses_nothing(
+    workers: WorkerRunner,
+) -> None:
+    """The worker publishes dead letters through a proxy the test cuts: the message comes back
+    until the envelope can be published, then is dead-lettered exactly once."""
+    url = urlsplit(workers.broker.url)
+    proxy = CuttableProxy((url.hostname or "127.0.0.1", url.port or DEFAULT_PORTS[url.scheme]))
+    try:
+        proxy.cut()
+        proxied = url._replace(netloc=url.netloc.replace(f":{url.port}", "") + f":{proxy.port}")
+        worker = workers.start(APP, worker_settings={"broker_write_url": proxied.geturl()})
+        result = worker.send("dl.permanent", 7)
+
+        worker.wait_for(
+            lambda: len([a for a in worker.attempts() if a["id"] == result.id]) >= 2,
+            what="the message to come back after the failed dead-letter publish",
+        )
+        assert "could not dead-letter dl.permanent" in worker.output_text()
+        assert worker.drain(f"{worker.queue}.dlq") == []
+
+        proxy.restore()
+        (envelope,) = worker.dead_letters(1)
+        time.sleep(0.5)
+    finally:
+        proxy.close()
+
+    assert envelope["task"]["id"] == result.id
+    assert worker.drain(f"{worker.queue}.dlq") == []
+    assert result.get(timeout=10, propagate=False) is not None
+    assert result.state == "FAILURE"
+
+
+def test_chain_stops_at_the_dead_lettered_step_and_the_envelope_says_what_was_left(
+    workers: WorkerRunner,
+) -> None:
+    worker = workers.start(APP)
+    workflow = chain(
+        worker.signature("dl.step", 1),
+        worker.signature("dl.permanent"),
+        worker.signature("dl.step"),
+        worker.signature("dl.step"),
+    ).apply_async()
+
+    envelope = only_envelope(worker)
+    time.sleep(0.5)
+
+    assert envelope["task"]["name"] == "dl.permanent"
+    assert envelope["task"]["args"][0] == 2  # the first step's result
+    assert envelope["canvas"]["chain_remaining"] == ["dl.step", "dl.step"]
+    assert envelope["canvas"]["root_id"] == workflow.parent.parent.parent.id
+    steps = [a for a in worker.attempts() if a["task"] == "dl.step"]
+    assert [s["x"] for s in steps] == [1]  # nothing after the failed step ran
+
+
+def test_in_a_group_only_the_failing_member_is_dead_lettered(workers: WorkerRunner) -> None:
+    worker = workers.start(APP)
+    members = group(
+        worker.signature("dl.step", 1),
+        worker.signature("dl.permanent", 5),
+        worker.signature("dl.step", 3),
+    ).apply_async()
+
+    results = members.get(timeout=30, propagate=False, interval=0.05)
+    envelope = only_envelope(worker)
+
+    assert (results[0], results[2]) == (2, 4)
+    assert envelope["task"]["name"] == "dl.permanent"
+    assert envelope["task"]["id"] == members.results[1].id
+    assert envelope["canvas"]["group_id"] == members.id
+    assert envelope["canvas"]["group_index"] == 1

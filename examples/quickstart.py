@@ -166,6 +166,7 @@ def main() -> None:
                 queue = app.amqp.queues[QUEUE].bind(conn.default_channel)
                 queue.declare()  # so this process knows its bindings and removes them too
                 queue.delete()
+                queue.exchange.delete()
 
 
 if __name__ == "__main__":

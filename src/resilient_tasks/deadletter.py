@@ -34,7 +34,13 @@ if TYPE_CHECKING:
 else:
     _TaskBase = object
 
-__all__ = ["DEAD_LETTER_TEMPLATE_FIELDS", "DeadLetterMixin", "dead_letter_queue_name"]
+__all__ = [
+    "DEAD_LETTER_TEMPLATE_FIELDS",
+    "DeadLetterMixin",
+    "dead_letter_queue_for",
+    "dead_letter_queue_name",
+    "publish_envelope",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,7 @@ PUBLISH_RETRY_POLICY: Mapping[str, Any] = {
 #: Message headers on a published envelope, for tools that filter without decoding.
 HEADER_REASON = "resilient_reason"
 HEADER_TASK = "resilient_task"
+QUEUE_TYPE = "x-queue-type"
 
 
 def dead_letter_queue_name(template: str, *, queue: str, task: str) -> str:
@@ -138,14 +145,39 @@ class DeadLetterMixin(_TaskBase):  # type: ignore[misc]
         return dead_letter_queue_name(self.dead_letter_queue, queue=queue, task=self.name)
 
 
-def publish_envelope(app: Celery, queue: str, envelope: Mapping[str, Any]) -> None:
+def dead_letter_queue_for(name: str, source: Queue | None) -> Queue:
+    """How the dead-letter queue ``name`` of the queue ``source`` is declared: durable, and of
+    the same ``x-queue-type`` as its source, so that the library's publish,
+    :func:`resilient_tasks.rabbitmq.declare_dead_letter_queues` and RabbitMQ's own
+    dead-lettering all agree.
+
+    Example::
+
+        >>> from kombu import Queue
+        >>> billing = Queue("billing", queue_arguments={"x-queue-type": "quorum"})
+        >>> dlq = dead_letter_queue_for("billing.dlq", billing)
+        >>> dlq.durable, dlq.queue_arguments
+        (True, {'x-queue-type': 'quorum'})
+    """
+    source_arguments: Mapping[str, Any] = getattr(source, "queue_arguments", None) or {}
+    arguments = {QUEUE_TYPE: source_arguments[QUEUE_TYPE]} if QUEUE_TYPE in source_arguments else {}
+    return Queue(name, exchange="", routing_key=name, durable=True, queue_arguments=arguments)  # type: ignore[no-untyped-call]
+
+
+def publish_envelope(
+    app: Celery, queue: str, envelope: Mapping[str, Any], source: str | None = None
+) -> None:
     """Publish ``envelope`` persistent to the durable ``queue``; raise if the broker hasn't it.
 
-    On RabbitMQ the publish waits for the broker's confirm: a nack raises. Connection errors are
+    ``source`` is the queue the failed message came from: the dead-letter queue is declared as
+    :func:`dead_letter_queue_for` declares it (same queue type). On
+    RabbitMQ the publish waits for the broker's confirm: a nack raises. Connection errors are
     retried by Kombu's retry policy (:data:`PUBLISH_RETRY_POLICY`), then raise.
     """
     connection = app.connection_for_write(transport_options={"confirm_publish": True})
-    declared = app.amqp.queues.get(queue) or Queue(queue, durable=True)  # type: ignore[no-untyped-call]
+    declared = app.amqp.queues.get(queue) or dead_letter_queue_for(
+        queue, app.amqp.queues.get(source) if source else None
+    )
     with producers[connection].acquire(block=True, timeout=10) as producer:
         producer.publish(
             dict(envelope),

@@ -61,9 +61,10 @@ class ResilientRequest(Request):  # type: ignore[misc]
         if not getattr(task, "dead_letter", False) or isinstance(exc, _NOT_TERMINAL):
             return super().on_failure(exc_info, send_failed_event, return_ok)
         envelope = self._envelope(exc, exc_info)
-        queue = task.dead_letter_queue_for(envelope["task"]["queue"])
+        source = envelope["task"]["queue"]
+        queue = task.dead_letter_queue_for(source)
         try:
-            publish_envelope(task.app, queue, envelope)
+            publish_envelope(task.app, queue, envelope, source)
         except Exception:
             logger.exception(
                 "resilient_tasks: could not dead-letter %s[%s] to %r; %s. Envelope: %r",

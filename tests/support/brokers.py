@@ -32,6 +32,8 @@ class Broker:
     url: str
     transport_options: dict[str, Any] = field(default_factory=dict)
     prefix: str = field(default_factory=lambda: f"rt-{uuid.uuid4().hex[:10]}")
+    #: Further queue and exchange names a test made the broker create (RabbitMQ).
+    extra_cleanup: list[str] = field(default_factory=list)
 
     def queue_name(self, label: str = "q") -> str:
         """A queue name no other test uses."""
@@ -45,7 +47,7 @@ class Broker:
         if self.kind == "rabbitmq":
             with self.connection() as conn:
                 channel = conn.default_channel
-                for name in queues:
+                for name in [*queues, *self.extra_cleanup]:
                     channel.queue_delete(name)
                     channel.exchange_delete(name)
                     channel.queue_delete(f"{name}.dlq")

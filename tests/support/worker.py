@@ -66,7 +66,10 @@ class Worker:
         self._wait_until_written(queue)
         with self.client.connection_for_read() as conn:
             bound = Queue(queue, durable=True).bind(conn.default_channel)
-            bound.declare()
+            try:
+                bound.queue_declare(passive=True)  # as it is (classic or quorum), if it exists
+            except conn.channel_errors:
+                return bodies
             while (message := bound.get(no_ack=False)) is not None:
                 bodies.append(message.decode())
                 message.ack()

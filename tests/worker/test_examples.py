@@ -22,14 +22,17 @@ def test_quickstart_retries_succeeds_and_gives_up(broker: Broker, tmp_path: Path
     if broker.kind != "filesystem":
         env["CELERY_BROKER_URL"] = broker.url
 
-    run = subprocess.run(
-        [sys.executable, str(EXAMPLES / "quickstart.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    try:
+        run = subprocess.run(
+            [sys.executable, str(EXAMPLES / "quickstart.py")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        broker.cleanup([env["QUICKSTART_QUEUE"]])
 
     output = run.stdout + run.stderr
     assert run.returncode == 0, output

@@ -40,7 +40,8 @@ __all__ = [
 
 #: The envelope's ``schema`` field.
 SCHEMA = "resilient_tasks.dead_letter/1"
-#: Key fragments whose values are redacted (matched case-insensitively anywhere in the key).
+#: Key fragments whose values are redacted, matched anywhere in the key, ignoring case and
+#: treating ``-`` as ``_`` (so ``X-Api-Key`` matches ``api_key``).
 DEFAULT_REDACT_PATTERNS: tuple[str, ...] = (
     "password",
     "passwd",
@@ -103,8 +104,12 @@ def redact(value: Any, patterns: Iterable[str] = DEFAULT_REDACT_PATTERNS) -> Any
         >>> redact({"user": "ann", "Password": "hunter2", "nested": {"api_key": "k"}})
         {'user': 'ann', 'Password': '[REDACTED]', 'nested': {'api_key': '[REDACTED]'}}
     """
-    lowered = tuple(p.lower() for p in patterns)
+    lowered = tuple(_normal(p) for p in patterns)
     return _redact(value, lowered, 0)
+
+
+def _normal(key: str) -> str:
+    return key.lower().replace("-", "_")
 
 
 def _redact(value: Any, patterns: tuple[str, ...], depth: int) -> Any:
@@ -113,7 +118,7 @@ def _redact(value: Any, patterns: tuple[str, ...], depth: int) -> Any:
     if isinstance(value, Mapping):
         return {
             k: REDACTED
-            if isinstance(k, str) and any(p in k.lower() for p in patterns)
+            if isinstance(k, str) and any(p in _normal(k) for p in patterns)
             else _redact(v, patterns, depth + 1)
             for k, v in value.items()
         }

@@ -48,6 +48,26 @@ class Worker:
     log: Path
     output: Path
     settings: dict[str, Any] = field(default_factory=dict)
+    module: str = ""
+
+    def celery(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``celery -A <module> <args>`` as a user would, against this worker's broker."""
+        env = {
+            **os.environ,
+            ENV_SETTINGS: json.dumps(self.settings),
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])
+            ),
+        }
+        return subprocess.run(
+            [sys.executable, "-m", "celery", "-A", self.module, *args],
+            env=env,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
 
     def attempts(self) -> list[dict[str, Any]]:
         """What each attempt recorded through ``apps.base.record``."""
@@ -186,7 +206,7 @@ class WorkerRunner:
         client = Celery(f"client-{label}")
         client.conf.update(conf)
         worker = Worker(
-            process, client, queues[0], queues, self.tmp_path / f"{label}.log", output, conf
+            process, client, queues[0], queues, self.tmp_path / f"{label}.log", output, conf, module
         )
         self.workers.append(worker)
         deadline = time.monotonic() + READY_TIMEOUT

@@ -17,6 +17,7 @@ from .exceptions import ConfigurationError, Permanent, RetryAfter
 from .policy import RetryPolicy
 from .retry import RetryMixin
 from .task import ResilientTask
+from .timelimit import TimeLimitMixin
 
 __all__ = [
     "ConfigurationError",
@@ -26,6 +27,7 @@ __all__ = [
     "RetryAfter",
     "RetryMixin",
     "RetryPolicy",
+    "TimeLimitMixin",
 ]
 
 __version__ = "0.1.0"

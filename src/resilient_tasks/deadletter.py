@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import logging
 import string
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from kombu.entity import Queue
+from kombu.messaging import Producer
 from kombu.pools import producers
 
 from .options import check_bool, invalid
@@ -37,6 +39,7 @@ else:
 __all__ = [
     "DEAD_LETTER_TEMPLATE_FIELDS",
     "DeadLetterMixin",
+    "confirmed_producer",
     "dead_letter_queue_for",
     "dead_letter_queue_name",
     "publish_envelope",
@@ -164,6 +167,18 @@ def dead_letter_queue_for(name: str, source: Queue | None) -> Queue:
     return Queue(name, exchange="", routing_key=name, durable=True, queue_arguments=arguments)  # type: ignore[no-untyped-call]
 
 
+@contextmanager
+def confirmed_producer(app: Celery) -> Iterator[Producer]:
+    """A producer from Kombu's pool on the app's broker, with publisher confirms on RabbitMQ.
+
+    One pool (and so one set of connections) per broker URL and options, shared by every
+    dead-letter, retry and replay publish of the process.
+    """
+    connection = app.connection_for_write(transport_options={"confirm_publish": True})
+    with producers[connection].acquire(block=True, timeout=10) as producer:
+        yield producer
+
+
 def publish_envelope(
     app: Celery, queue: str, envelope: Mapping[str, Any], source: str | None = None
 ) -> None:
@@ -174,12 +189,11 @@ def publish_envelope(
     RabbitMQ the publish waits for the broker's confirm: a nack raises. Connection errors are
     retried by Kombu's retry policy (:data:`PUBLISH_RETRY_POLICY`), then raise.
     """
-    connection = app.connection_for_write(transport_options={"confirm_publish": True})
     declared = app.amqp.queues.get(queue) or dead_letter_queue_for(
         queue, app.amqp.queues.get(source) if source else None
     )
-    with producers[connection].acquire(block=True, timeout=10) as producer:
-        producer.publish(
+    with confirmed_producer(app) as producer:
+        producer.publish(  # type: ignore[no-untyped-call]
             dict(envelope),
             exchange="",
             routing_key=queue,

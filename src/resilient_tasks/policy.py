@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypeAlias
 
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from tenacity import Future, RetryCallState, Retrying
 from tenacity.wait import wait_fixed, wait_random_exponential
 
@@ -394,15 +395,33 @@ class GiveUp:
     reason: Reason
 
 
+def unretried_reason(exc: BaseException) -> Reason:
+    """The reason for a failure nothing retries: the time limit that raised it, or
+    ``"exception"``.
+
+    Example::
+
+        >>> from celery.exceptions import SoftTimeLimitExceeded
+        >>> unretried_reason(SoftTimeLimitExceeded()), unretried_reason(KeyError())
+        ('soft_time_limit', 'exception')
+    """
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return "soft_time_limit"
+    if isinstance(exc, TimeLimitExceeded):
+        return "hard_time_limit"
+    return "exception"
+
+
 def decide(policy: RetryPolicy, state: AttemptState) -> RetryIn | GiveUp:
     """Decide what follows a failed attempt. Pure, apart from a wait strategy's own jitter.
 
     In order: :class:`~resilient_tasks.Permanent` anywhere in the chain gives up
-    (``"permanent"``); a ``give_up_on`` match gives up (``"exception"``); a failure that neither
-    matches ``retry_on`` nor carries :class:`~resilient_tasks.RetryAfter` gives up
-    (``"exception"``); reaching ``max_attempts`` gives up (``"retries_exhausted"``); a retry that
-    would start later than ``max_elapsed`` after the first attempt, or never (a backoff of
-    infinity), gives up (``"deadline_exceeded"``); anything else is retried after the
+    (``"permanent"``); a ``give_up_on`` match, or a failure that neither matches ``retry_on``
+    nor carries :class:`~resilient_tasks.RetryAfter`, gives up (``"exception"``, or
+    ``"soft_time_limit"`` / ``"hard_time_limit"`` for a time limit, see
+    :func:`unretried_reason`); reaching ``max_attempts`` gives up (``"retries_exhausted"``); a
+    retry that would start later than ``max_elapsed`` after the first attempt, or never (a
+    backoff of infinity), gives up (``"deadline_exceeded"``); anything else is retried after the
     ``RetryAfter`` delay or the policy's backoff.
 
     Example::
@@ -419,10 +438,10 @@ def decide(policy: RetryPolicy, state: AttemptState) -> RetryIn | GiveUp:
     if any(isinstance(exc, Permanent) for exc in chain):
         return GiveUp("permanent")
     if _matches(policy.give_up_on, chain):
-        return GiveUp("exception")
+        return GiveUp(unretried_reason(state.exception))
     retry_after = next((exc for exc in chain if isinstance(exc, RetryAfter)), None)
     if retry_after is None and not _matches(policy.retry_on, chain):
-        return GiveUp("exception")
+        return GiveUp(unretried_reason(state.exception))
     if policy.max_attempts is not None and state.attempt >= policy.max_attempts:
         return GiveUp("retries_exhausted")
     delay = retry_after.seconds if retry_after is not None else policy.next_delay(state)

@@ -16,20 +16,26 @@ from datetime import datetime, timezone
 from typing import Any
 
 from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
+from celery import signals
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
 from celery.utils.serialization import UnpickleableExceptionWrapper
+from celery.worker import state
 from celery.worker.request import Request
 from celery.worker.state import task_ready
 
 from . import _reason
-from .deadletter import publish_envelope
+from .deadletter import confirmed_producer, publish_envelope
 from .envelope import DEFAULT_REDACT_PATTERNS, FailedMessage, build_envelope
-from .history import Attempt, History, exception_type_name
+from .history import HEADER, Attempt, History, exception_type_name
+from .policy import AttemptState, Reason, RetryIn, decide
+from .retry import without_x_death
 
-__all__ = ["ResilientRequest"]
+__all__ = ["REDELIVERIES", "ResilientRequest", "redeliveries"]
 
 logger = logging.getLogger(__name__)
 
+#: The message header that counts how often a message came back after losing its worker.
+REDELIVERIES = "resilient_redeliveries"
 #: The app setting that overrides :data:`~resilient_tasks.envelope.DEFAULT_REDACT_PATTERNS`.
 REDACT_SETTING = "resilient_tasks_redact_patterns"
 # Not failures of the task (control flow), or failures handled elsewhere.
@@ -38,10 +44,24 @@ _NOT_TERMINAL = (Retry, Ignore, Reject, WorkerLostError, TimeLimitExceeded, Syst
 
 
 class ResilientRequest(Request):  # type: ignore[misc]
-    """Celery's ``Request`` with dead-lettering of terminal failures before the acknowledgement.
+    """Celery's ``Request`` that settles every terminal outcome before the acknowledgement.
 
-    Set as ``Request`` by :class:`~resilient_tasks.DeadLetterMixin`. A task that needs its own
-    request class subclasses this one.
+    Set as ``Request`` by :class:`~resilient_tasks.DeadLetterMixin` (so by
+    :class:`~resilient_tasks.ResilientTask`). In the worker's main process it:
+
+    * dead-letters a terminal failure before Celery acknowledges the message
+      (:mod:`resilient_tasks.deadletter`);
+    * settles a **hard time limit** once, on every Celery version: one retry if the task's
+      policy retries ``TimeLimitExceeded``, else one dead letter (reason ``hard_time_limit``);
+      the task's ``on_failure`` and ``task_failure`` run once, and the message is acknowledged
+      whatever ``acks_on_failure_or_timeout`` / ``acks_on_timeout`` say, so it never comes
+      back in a loop;
+    * counts **lost workers** (the pool child died) in the message's ``resilient_redeliveries``
+      header (or RabbitMQ's ``x-delivery-count``, whichever is higher): the message is
+      republished with the count raised, and once it has come back ``max_redeliveries`` times
+      it is dead-lettered (reason ``worker_lost``) instead of run again.
+
+    A task that needs its own request class subclasses this one.
 
     Example::
 
@@ -53,14 +73,37 @@ class ResilientRequest(Request):  # type: ignore[misc]
                 return super().on_failure(exc_info, send_failed_event, return_ok)
     """
 
+    _resilient_settled = False
+
+    def on_timeout(self, soft: bool, timeout: float) -> Any:
+        if soft or not _handles_losses(self.task):
+            return super().on_timeout(soft, timeout)
+        return self._settle_hard_time_limit(timeout)
+
     def on_failure(
         self, exc_info: ExceptionInfo, send_failed_event: bool = True, return_ok: bool = False
     ) -> Any:
         exc = _unwrap(exc_info.exception)
         task = self.task
+        if _handles_losses(task) and not state.should_terminate:
+            if isinstance(exc, TimeLimitExceeded):
+                return self._settle_hard_time_limit(exc.args[0] if exc.args else None)
+            if isinstance(exc, WorkerLostError) and not (
+                self._already_revoked or self._already_cancelled or self._succeeded_before()
+            ):
+                return self._settle_worker_lost(exc, exc_info, send_failed_event, return_ok)
         if not getattr(task, "dead_letter", False) or isinstance(exc, _NOT_TERMINAL):
             return super().on_failure(exc_info, send_failed_event, return_ok)
-        envelope = self._envelope(exc, exc_info)
+        if not self._dead_letter(exc, exc_info, _reason.reason_of(exc)):
+            return None
+        return super().on_failure(exc_info, send_failed_event, return_ok)
+
+    # -- terminal failures ----------------------------------------------------------------
+
+    def _dead_letter(self, exc: BaseException, exc_info: ExceptionInfo, reason: Reason) -> bool:
+        """Publish the envelope; on failure requeue (acks_late) and return False."""
+        task = self.task
+        envelope = self._envelope(exc, exc_info, reason)
         source = envelope["task"]["queue"]
         queue = task.dead_letter_queue_for(source)
         try:
@@ -73,17 +116,168 @@ class ResilientRequest(Request):  # type: ignore[misc]
                 queue,
                 "the message is requeued"
                 if task.acks_late
-                else "acks_late is off, so the "
-                "message was already acknowledged and this log line is all that remains",
+                else "acks_late is off, so the message was already acknowledged and this log "
+                "line is all that remains",
                 envelope,
             )
             if task.acks_late:
                 task_ready(self)
                 self.reject(requeue=True)
-                return None
-        return super().on_failure(exc_info, send_failed_event, return_ok)
+                return False
+        return True
 
-    def _envelope(self, exc: BaseException, exc_info: ExceptionInfo) -> dict[str, Any]:
+    def _fail_for_good(self, exc: BaseException, reason: Reason) -> None:
+        """Settle a failure Celery saw outside the task: envelope, result, hooks, ack."""
+        einfo = _exception_info(exc)
+        if getattr(self.task, "dead_letter", False) and not self._dead_letter(exc, einfo, reason):
+            return
+        task = self.task
+        task.backend.mark_as_failure(self.id, exc, request=self._context, store_result=True)
+        try:
+            task.on_failure(exc, self.id, self.args, self.kwargs, einfo)
+        except Exception:
+            logger.exception("on_failure of %s[%s] raised", self.name, self.id)
+        task.request_stack.push(self._context)
+        try:
+            signals.task_failure.send(
+                sender=task,
+                task_id=self.id,
+                exception=exc,
+                args=self.args,
+                kwargs=self.kwargs,
+                traceback=einfo.traceback,
+                einfo=einfo,
+            )
+        finally:
+            task.request_stack.pop()
+        self.acknowledge()
+
+    # -- hard time limits -------------------------------------------------------------------
+
+    def _settle_hard_time_limit(self, timeout: float | None) -> None:
+        if self._resilient_settled:  # billiard reports a hard limit twice
+            return
+        self._resilient_settled = True
+        task_ready(self)
+        exc = TimeLimitExceeded(timeout)
+        logger.error("Hard time limit (%ss) exceeded for %s[%s]", timeout, self.name, self.id)
+        policy = getattr(self.task, "retry_policy", None)
+        decision = decide(policy, self._attempt_state(exc)) if policy else None
+        if isinstance(decision, RetryIn):
+            self._retry_from_worker(exc, decision.delay)
+            return
+        self._fail_for_good(exc, decision.reason if decision else "hard_time_limit")
+
+    def _retry_from_worker(self, exc: BaseException, delay: float) -> None:
+        context = self._context
+        attempt = Attempt.failed(
+            int(context.retries or 0) + 1,
+            exc,
+            hostname=self.hostname or socket.gethostname(),
+            delay=delay,
+            at=self._started(),
+        )
+        history = History.from_headers(self.message.headers).record(attempt)
+        headers = {**without_x_death(context.headers), HEADER: history.encode()}
+        if not self._republish(headers, countdown=delay, retries=int(context.retries or 0) + 1):
+            return
+        self.task.backend.mark_as_retry(self.id, exc, request=context)
+        self.acknowledge()
+
+    # -- lost workers -------------------------------------------------------------------------
+
+    def _settle_worker_lost(
+        self,
+        exc: BaseException,
+        exc_info: ExceptionInfo,
+        send_failed_event: bool,
+        return_ok: bool,
+    ) -> Any:
+        task = self.task
+        if not (task.acks_late and task.reject_on_worker_lost):
+            # Celery acknowledges and fails it; it will not come back, so dead-letter it too.
+            if getattr(task, "dead_letter", False) and not self._dead_letter(
+                exc, exc_info, "worker_lost"
+            ):
+                return None
+            return super().on_failure(exc_info, send_failed_event, return_ok)
+        task_ready(self)
+        returned = redeliveries(self.message.headers)
+        if returned >= task.max_redeliveries:
+            logger.error(
+                "resilient_tasks: %s[%s] lost its worker %d times (max_redeliveries=%d); "
+                "dead-lettering it instead of running it again",
+                self.name,
+                self.id,
+                returned + 1,
+                task.max_redeliveries,
+            )
+            self._fail_for_good(exc, "worker_lost")
+            return None
+        logger.warning(
+            "resilient_tasks: %s[%s] lost its worker; redelivery %d of %d",
+            self.name,
+            self.id,
+            returned + 1,
+            task.max_redeliveries,
+        )
+        headers = {**without_x_death(self._context.headers), REDELIVERIES: returned + 1}
+        if self._republish(headers):
+            self.acknowledge()
+        return None
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _republish(
+        self, headers: dict[str, Any], countdown: float | None = None, retries: int | None = None
+    ) -> bool:
+        """Publish this task again (same id, queue, priority, links) with ``headers``, with
+        publisher confirms; on failure requeue the original and return False."""
+        options: dict[str, Any] = {"headers": headers}
+        if countdown is not None:
+            options["countdown"] = countdown
+        if retries is not None:
+            options["retries"] = retries
+        task = self.task
+        try:
+            signature = task.signature_from_request(
+                self._context, self.args, self.kwargs, **options
+            )
+            with confirmed_producer(task.app) as producer:
+                signature.apply_async(producer=producer)
+        except Exception:
+            logger.exception(
+                "resilient_tasks: could not republish %s[%s]; the message is requeued",
+                self.name,
+                self.id,
+            )
+            self.reject(requeue=True)
+            return False
+        return True
+
+    def _succeeded_before(self) -> bool:
+        stored = getattr(self, "_success_was_stored", None)  # Celery >= 5.6
+        return bool(stored()) if stored else False
+
+    def _started(self) -> datetime:
+        now = datetime.now(timezone.utc)
+        return datetime.fromtimestamp(self.time_start, timezone.utc) if self.time_start else now
+
+    def _attempt_state(self, exc: BaseException) -> AttemptState:
+        context = self._context
+        return AttemptState.starting_at(
+            task_name=self.name,
+            task_id=self.id,
+            attempt=int(context.retries or 0) + 1,
+            exception=exc,
+            history=History.from_headers(self.message.headers),
+            started=self._started(),
+            now=datetime.now(timezone.utc),
+        )
+
+    def _envelope(
+        self, exc: BaseException, exc_info: ExceptionInfo, reason: Reason
+    ) -> dict[str, Any]:
         message = self.message
         delivery = message.delivery_info or {}
         properties = message.properties or {}
@@ -102,28 +296,56 @@ class ResilientRequest(Request):  # type: ignore[misc]
             routing_key=delivery.get("routing_key") or "",
             priority=properties.get("priority", delivery.get("priority")),
         )
-        now = datetime.now(timezone.utc)
-        started = datetime.fromtimestamp(self.time_start, timezone.utc) if self.time_start else now
         final = Attempt.failed(
             int(context.get("retries") or 0) + 1,
             exc,
             hostname=self.hostname or socket.gethostname(),
             delay=None,
-            at=started,
+            at=self._started(),
         )
         patterns = self.task.app.conf.get(REDACT_SETTING) or DEFAULT_REDACT_PATTERNS
         return build_envelope(
             failed,
-            reason=_reason.reason_of(exc),
+            reason=reason,
             exception=exc,
             exception_type=_type_name(exc),
             traceback=str(exc_info.traceback or ""),
             history=History.from_headers(message.headers),
             final=final,
-            dead_lettered_at=now,
+            dead_lettered_at=datetime.now(timezone.utc),
             canvas=_canvas(context, self._payload),
             redact_patterns=patterns,
         )
+
+
+def redeliveries(headers: Mapping[str, Any] | None) -> int:
+    """How often a message has come back after losing its worker.
+
+    The higher of the library's ``resilient_redeliveries`` header and RabbitMQ's
+    ``x-delivery-count`` (quorum queues), so a worker that died whole is counted too where the
+    broker counts.
+
+    Example::
+
+        >>> redeliveries({"resilient_redeliveries": 2}), redeliveries({"x-delivery-count": 4})
+        (2, 4)
+    """
+    headers = headers or {}
+    counts = [headers.get(REDELIVERIES), headers.get("x-delivery-count")]
+    return max(
+        (int(c) for c in counts if isinstance(c, int) and not isinstance(c, bool)), default=0
+    )
+
+
+def _handles_losses(task: Any) -> bool:
+    return hasattr(task, "max_redeliveries")
+
+
+def _exception_info(exc: BaseException) -> ExceptionInfo:
+    try:
+        raise exc
+    except BaseException:
+        return ExceptionInfo()
 
 
 def _unwrap(exc: BaseException) -> BaseException:

@@ -33,7 +33,15 @@ from .options import (
     check_seconds,
     invalid,
 )
-from .policy import AttemptState, Reason, RetryIn, RetryPolicy, decide, exception_chain
+from .policy import (
+    AttemptState,
+    Reason,
+    RetryIn,
+    RetryPolicy,
+    decide,
+    exception_chain,
+    unretried_reason,
+)
 
 if TYPE_CHECKING:
     from celery import Task as _TaskBase
@@ -191,7 +199,7 @@ class RetryMixin(_TaskBase):  # type: ignore[misc]
             )
             history = History.from_headers(request.headers).record(attempt)
             options["headers"] = {
-                **_without_x_death(request.headers),
+                **without_x_death(request.headers),
                 **(options.get("headers") or {}),
                 HEADER: history.encode(),
             }
@@ -213,7 +221,7 @@ class RetryMixin(_TaskBase):  # type: ignore[misc]
             and self.request.retries >= max_retries
         ):
             return "retries_exhausted"
-        return "exception"
+        return unretried_reason(exc)
 
     def _attempt_state(self, exc: BaseException) -> AttemptState:
         request = self.request
@@ -265,7 +273,8 @@ def _celery_max_retries(cls: type) -> Any:
     return None
 
 
-def _without_x_death(headers: dict[str, Any] | None) -> dict[str, Any]:
+def without_x_death(headers: dict[str, Any] | None) -> dict[str, Any]:
+    """``headers`` without RabbitMQ's dead-lettering headers, for a message published anew."""
     return {k: v for k, v in (headers or {}).items() if k not in _X_DEATH_HEADERS}
 
 

@@ -11,23 +11,26 @@ from .options import (
     CELERY_TASK_OPTIONS,
     check_bool,
     check_no_misspelt_options,
-    check_seconds,
     invalid,
 )
 from .retry import RetryMixin
+from .timelimit import TimeLimitMixin
 
 __all__ = ["ResilientTask"]
 
 #: The options this library adds to Celery's, for spotting a misspelt one.
-LIBRARY_OPTIONS = frozenset({"retry_policy", "dead_letter", "dead_letter_queue"})
+LIBRARY_OPTIONS = frozenset(
+    {"retry_policy", "dead_letter", "dead_letter_queue", "max_redeliveries"}
+)
 #: Options of the design that this release does not implement yet: refused rather than ignored.
-NOT_YET_AVAILABLE = ("failure_handlers", "max_redeliveries")
+NOT_YET_AVAILABLE = ("failure_handlers",)
 
 
-class ResilientTask(RetryMixin, DeadLetterMixin, Task):  # type: ignore[misc]
+class ResilientTask(RetryMixin, TimeLimitMixin, DeadLetterMixin, Task):  # type: ignore[misc]
     """A ``celery.Task`` that retries by policy and dead-letters what finally fails.
 
-    It combines :class:`~resilient_tasks.RetryMixin` (``retry_policy``) and
+    It combines :class:`~resilient_tasks.RetryMixin` (``retry_policy``),
+    :class:`~resilient_tasks.TimeLimitMixin` (time limits, ``max_redeliveries``) and
     :class:`~resilient_tasks.DeadLetterMixin` (``dead_letter``, ``dead_letter_queue``).
 
     Use it as the base of a task; nothing else in the project changes. Options are validated
@@ -79,13 +82,3 @@ class ResilientTask(RetryMixin, DeadLetterMixin, Task):  # type: ignore[misc]
         )
         check_bool(cls, "acks_late")
         check_bool(cls, "reject_on_worker_lost")
-        soft = check_seconds(cls, "soft_time_limit")
-        hard = check_seconds(cls, "time_limit")
-        if soft is not None and hard is not None and soft >= hard:
-            raise invalid(
-                cls,
-                "soft_time_limit",
-                cls.soft_time_limit,
-                f"must be below time_limit={cls.time_limit!r}, so the task can clean up "
-                "before it is killed",
-            )

@@ -122,6 +122,12 @@ class Worker:
         )
         return found
 
+    def pool_children(self) -> list[int]:
+        """The pids of the worker's pool processes."""
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children")
+        return [int(p) for p in children.read_text().split()] if children.exists() else []
+
     def output_text(self) -> str:
         return self.output.read_text(errors="replace") if self.output.exists() else ""
 
@@ -158,6 +164,9 @@ class WorkerRunner:
             "worker_enable_remote_control": False,
             "broker_connection_retry_on_startup": True,
             "worker_prefetch_multiplier": 1,
+            # How long Celery waits for a dead pool child's result before WorkerLostError
+            # (10 s by default); the tests kill children on purpose and need not wait that long.
+            "worker_lost_wait": 1.0,
             **overrides,
         }
 

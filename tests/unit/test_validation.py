@@ -84,7 +84,9 @@ TASK_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ),
     ({"dead_letter_queue": "{queue.dlq"}, "dead_letter_queue='{queue.dlq': not a valid template"),
     ({"failure_handlers": {}}, "failure_handlers={}: not available"),
-    ({"max_redeliveries": 3}, "max_redeliveries=3: not available"),
+    ({"max_redeliveries": -1}, "max_redeliveries=-1: expected a whole number >= 0"),
+    ({"max_redeliveries": None}, "max_redeliveries=None: expected a whole number >= 0"),
+    ({"max_redeliveries": 2.0}, "max_redeliveries=2.0: expected a whole number >= 0"),
 ]
 
 

@@ -1,0 +1,80 @@
+"""Tasks that hit time limits or kill their pool child."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+
+from apps.base import append, make_app, record
+from resilient_tasks import ResilientTask, RetryPolicy
+
+app = make_app(__name__)
+
+
+class Cleaning(ResilientTask):
+    """Records its soft-time-limit cleanup in the attempt log (the task's last argument)."""
+
+    def on_soft_time_limit(self, exc: SoftTimeLimitExceeded) -> None:
+        append(self.request.args[-1], task=self.name, id=self.request.id, role="cleanup")
+
+
+@app.task(base=Cleaning, bind=True, name="tl.soft", soft_time_limit=0.5, time_limit=5)
+def soft(self: Task, log: str) -> None:
+    record(self, log)
+    time.sleep(3)
+
+
+@app.task(
+    base=Cleaning,
+    bind=True,
+    name="tl.soft_retry",
+    soft_time_limit=0.5,
+    time_limit=5,
+    retry_policy=RetryPolicy(retry_on=SoftTimeLimitExceeded, max_attempts=2, backoff=0.1),
+)
+def soft_retry(self: Task, log: str) -> None:
+    record(self, log)
+    time.sleep(3)
+
+
+@app.task(base=ResilientTask, bind=True, name="tl.hard", time_limit=1)
+def hard(self: Task, log: str) -> None:
+    record(self, log)
+    time.sleep(30)
+
+
+@app.task(
+    base=ResilientTask,
+    bind=True,
+    name="tl.hard_retry",
+    time_limit=1,
+    retry_policy=RetryPolicy(retry_on=TimeLimitExceeded, max_attempts=2, backoff=0.1),
+)
+def hard_retry(self: Task, log: str) -> None:
+    record(self, log)
+    time.sleep(30)
+
+
+@app.task(base=ResilientTask, bind=True, name="tl.exit", max_redeliveries=2)
+def exit_(self: Task, log: str) -> None:
+    """A poison message: it kills the pool child running it."""
+    record(self, log)
+    os._exit(1)
+
+
+@app.task(base=ResilientTask, bind=True, name="tl.work")
+def work(self: Task, seconds: float, log: str) -> str:
+    record(self, log, role="start")
+    time.sleep(seconds)
+    append(log, task=self.name, id=self.request.id, role="done")
+    return "done"
+
+
+@app.task(bind=True, name="tl.plain_hard", time_limit=1, acks_late=True)
+def plain_hard(self: Task, log: str) -> Any:
+    record(self, log)
+    time.sleep(30)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
@@ -72,9 +71,3 @@ def work(self: Task, seconds: float, log: str) -> str:
     time.sleep(seconds)
     append(log, task=self.name, id=self.request.id, role="done")
     return "done"
-
-
-@app.task(bind=True, name="tl.plain_hard", time_limit=1, acks_late=True)
-def plain_hard(self: Task, log: str) -> Any:
-    record(self, log)
-    time.sleep(30)

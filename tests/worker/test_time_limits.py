@@ -115,3 +115,16 @@ def test_warm_shutdown_mid_task_loses_nothing_and_is_no_failure(workers: WorkerR
         a["id"] for a in worker.attempts() + replacement.attempts() if a.get("role") == "start"
     ]
     assert starts.count(running.id) == 1
+
+
+@pytest.mark.parametrize("broker", ["filesystem"], indirect=True)
+def test_a_pool_that_cannot_enforce_time_limits_is_warned_about_at_start(
+    workers: WorkerRunner,
+) -> None:
+    worker = workers.start(APP, pool="solo", concurrency=1)
+
+    output = worker.output_text()
+    assert "the solo pool does not enforce time limits" in output
+    assert "tl.soft" in output
+    assert "tl.hard" in output
+    assert "tl.work" not in output.split("does not enforce time limits")[1].split("\n")[0]

@@ -102,8 +102,12 @@ def test_worker_lost_message_is_dead_lettered_after_max_redeliveries_while_other
 def test_warm_shutdown_mid_task_loses_nothing_and_is_no_failure(workers: WorkerRunner) -> None:
     queue = workers.broker.queue_name()
     worker = workers.start(APP, queues=[queue], concurrency=1)
-    running, waiting = worker.send("tl.work", 2.0), worker.send("tl.work", 0.1)
-    worker.wait_for(lambda: runs(worker, "tl.work", "start"), what="the first task to start")
+    running = worker.send("tl.work", 2.0)
+    worker.wait_for(
+        lambda: any(a["id"] == running.id for a in runs(worker, "tl.work", "start")),
+        what="the long task to start",
+    )
+    waiting = worker.send("tl.work", 0.1)  # queued behind it (concurrency 1)
 
     workers.stop(worker, signal.SIGTERM)
     assert settle(running) == "done"

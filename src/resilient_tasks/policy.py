@@ -31,6 +31,8 @@ __all__ = [
     "RetryPolicy",
     "decide",
     "exception_chain",
+    "set_backoff",
+    "unretried_reason",
 ]
 
 logger = logging.getLogger(__name__)
@@ -395,6 +397,27 @@ class GiveUp:
     reason: Reason
 
 
+_backoff = {"enabled": True}
+
+
+def set_backoff(enabled: bool) -> None:
+    """Turn every policy's waiting on or off in this process (for test suites).
+
+    With backoff off, every retry :func:`decide` schedules (``RetryAfter`` included) is
+    scheduled at once; which attempts retry and when to give up stay as the policy says.
+    :func:`resilient_tasks.testing.no_backoff` wraps it for pytest.
+
+    Example::
+
+        >>> set_backoff(False)
+        >>> decide(RetryPolicy(backoff=60), AttemptState("t", attempt=1,
+        ...                                               exception=ConnectionError()))
+        RetryIn(delay=0.0)
+        >>> set_backoff(True)
+    """
+    _backoff["enabled"] = enabled
+
+
 def unretried_reason(exc: BaseException) -> Reason:
     """The reason for a failure nothing retries: the time limit that raised it, or
     ``"exception"``.
@@ -445,6 +468,8 @@ def decide(policy: RetryPolicy, state: AttemptState) -> RetryIn | GiveUp:
     if policy.max_attempts is not None and state.attempt >= policy.max_attempts:
         return GiveUp("retries_exhausted")
     delay = retry_after.seconds if retry_after is not None else policy.next_delay(state)
+    if not _backoff["enabled"]:
+        delay = 0.0
     if math.isinf(delay) or (
         policy.max_elapsed is not None and state.elapsed + delay > policy.max_elapsed
     ):

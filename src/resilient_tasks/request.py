@@ -23,7 +23,7 @@ from celery.worker import state
 from celery.worker.request import Request
 from celery.worker.state import task_ready
 
-from . import _reason
+from . import _events, _reason
 from .deadletter import confirmed_producer, publish_envelope
 from .envelope import DEFAULT_REDACT_PATTERNS, FailedMessage, build_envelope
 from .history import HEADER, Attempt, History, exception_type_name
@@ -124,6 +124,15 @@ class ResilientRequest(Request):  # type: ignore[misc]
                 task_ready(self)
                 self.reject(requeue=True)
                 return False
+            return True
+        _events.emit(
+            "task_dead_lettered",
+            request=self,
+            reason=reason,
+            queue=queue,
+            exception=exc,
+            envelope=envelope,
+        )
         return True
 
     def _fail_for_good(self, exc: BaseException, reason: Reason) -> None:
@@ -161,6 +170,7 @@ class ResilientRequest(Request):  # type: ignore[misc]
         task_ready(self)
         exc = TimeLimitExceeded(timeout)
         logger.error("Hard time limit (%ss) exceeded for %s[%s]", timeout, self.name, self.id)
+        _events.emit("task_hard_time_limit", request=self, timeout=timeout, exception=exc)
         policy = getattr(self.task, "retry_policy", None)
         decision = decide(policy, self._attempt_state(exc)) if policy else None
         if isinstance(decision, RetryIn):
@@ -203,6 +213,13 @@ class ResilientRequest(Request):  # type: ignore[misc]
             return super().on_failure(exc_info, send_failed_event, return_ok)
         task_ready(self)
         returned = redeliveries(self.message.headers)
+        _events.emit(
+            "task_worker_lost",
+            request=self,
+            redeliveries=returned,
+            max_redeliveries=task.max_redeliveries,
+            exception=exc,
+        )
         if returned >= task.max_redeliveries:
             logger.error(
                 "resilient_tasks: %s[%s] lost its worker %d times (max_redeliveries=%d); "

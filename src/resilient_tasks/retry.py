@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from celery.exceptions import Ignore, MaxRetriesExceededError, Reject, Retry
 
-from . import _reason
+from . import _events, _reason
 from .exceptions import Permanent
 from .history import HEADER, Attempt, History
 from .options import (
@@ -203,6 +203,14 @@ class RetryMixin(_TaskBase):  # type: ignore[misc]
                 **(options.get("headers") or {}),
                 HEADER: history.encode(),
             }
+            _events.emit(
+                "task_retry_scheduled",
+                task=self,
+                request=request,
+                attempt=attempt,
+                delay=attempt.delay,
+                exception=failure,
+            )
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
     def _celery_reason(self, exc: BaseException) -> Reason:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from celery import signals
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 
+from . import _events
 from .options import check_seconds, invalid, task_label
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ class TimeLimitMixin(_TaskBase):  # type: ignore[misc]
             raise
 
     def _run_soft_time_limit_hook(self, exc: SoftTimeLimitExceeded) -> None:
+        _events.emit("task_soft_time_limit", task=self, request=self.request, exception=exc)
         try:
             self.on_soft_time_limit(exc)
         except Exception:

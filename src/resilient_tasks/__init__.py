@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .deadletter import DeadLetterMixin
 from .exceptions import ConfigurationError, Permanent, RetryAfter
+from .hooks import FailureDetails, FailureHooksMixin
 from .policy import RetryPolicy
 from .retry import RetryMixin
 from .task import ResilientTask
@@ -22,6 +23,8 @@ from .timelimit import TimeLimitMixin
 __all__ = [
     "ConfigurationError",
     "DeadLetterMixin",
+    "FailureDetails",
+    "FailureHooksMixin",
     "Permanent",
     "ResilientTask",
     "RetryAfter",

@@ -27,6 +27,7 @@ from . import _events, _reason
 from .deadletter import confirmed_producer, publish_envelope
 from .envelope import DEFAULT_REDACT_PATTERNS, FailedMessage, build_envelope
 from .history import HEADER, Attempt, History, exception_type_name
+from .hooks import FailureHooksMixin, details_from_worker, give_up
 from .policy import AttemptState, Reason, RetryIn, decide
 from .retry import without_x_death
 
@@ -136,11 +137,15 @@ class ResilientRequest(Request):  # type: ignore[misc]
         return True
 
     def _fail_for_good(self, exc: BaseException, reason: Reason) -> None:
-        """Settle a failure Celery saw outside the task: envelope, result, hooks, ack."""
+        """Settle a failure Celery saw outside the task: handlers, envelope, result, hooks,
+        ack."""
         einfo = _exception_info(exc)
-        if getattr(self.task, "dead_letter", False) and not self._dead_letter(exc, einfo, reason):
-            return
         task = self.task
+        if isinstance(task, FailureHooksMixin):
+            history = History.from_headers(self.message.headers).record(self._final_attempt(exc))
+            give_up(task, details_from_worker(self, exc, reason, history))
+        if getattr(task, "dead_letter", False) and not self._dead_letter(exc, einfo, reason):
+            return
         task.backend.mark_as_failure(self.id, exc, request=self._context, store_result=True)
         try:
             task.on_failure(exc, self.id, self.args, self.kwargs, einfo)
@@ -276,6 +281,15 @@ class ResilientRequest(Request):  # type: ignore[misc]
         stored = getattr(self, "_success_was_stored", None)  # Celery >= 5.6
         return bool(stored()) if stored else False
 
+    def _final_attempt(self, exc: BaseException) -> Attempt:
+        return Attempt.failed(
+            int(self._context.retries or 0) + 1,
+            exc,
+            hostname=self.hostname or socket.gethostname(),
+            delay=None,
+            at=self._started(),
+        )
+
     def _started(self) -> datetime:
         now = datetime.now(timezone.utc)
         return datetime.fromtimestamp(self.time_start, timezone.utc) if self.time_start else now
@@ -313,13 +327,7 @@ class ResilientRequest(Request):  # type: ignore[misc]
             routing_key=delivery.get("routing_key") or "",
             priority=properties.get("priority", delivery.get("priority")),
         )
-        final = Attempt.failed(
-            int(context.get("retries") or 0) + 1,
-            exc,
-            hostname=self.hostname or socket.gethostname(),
-            delay=None,
-            at=self._started(),
-        )
+        final = self._final_attempt(exc)
         patterns = self.task.app.conf.get(REDACT_SETTING) or DEFAULT_REDACT_PATTERNS
         return build_envelope(
             failed,

@@ -7,11 +7,11 @@ from typing import Any
 from celery import Task
 
 from .deadletter import DeadLetterMixin
+from .hooks import FailureHooksMixin
 from .options import (
     CELERY_TASK_OPTIONS,
     check_bool,
     check_no_misspelt_options,
-    invalid,
 )
 from .retry import RetryMixin
 from .timelimit import TimeLimitMixin
@@ -20,16 +20,15 @@ __all__ = ["ResilientTask"]
 
 #: The options this library adds to Celery's, for spotting a misspelt one.
 LIBRARY_OPTIONS = frozenset(
-    {"retry_policy", "dead_letter", "dead_letter_queue", "max_redeliveries"}
+    {"retry_policy", "dead_letter", "dead_letter_queue", "max_redeliveries", "failure_handlers"}
 )
-#: Options of the design that this release does not implement yet: refused rather than ignored.
-NOT_YET_AVAILABLE = ("failure_handlers",)
 
 
-class ResilientTask(RetryMixin, TimeLimitMixin, DeadLetterMixin, Task):  # type: ignore[misc]
+class ResilientTask(FailureHooksMixin, RetryMixin, TimeLimitMixin, DeadLetterMixin, Task):  # type: ignore[misc]
     """A ``celery.Task`` that retries by policy and dead-letters what finally fails.
 
-    It combines :class:`~resilient_tasks.RetryMixin` (``retry_policy``),
+    It combines :class:`~resilient_tasks.FailureHooksMixin` (``failure_handlers``,
+    ``on_give_up``, ``on_retry``), :class:`~resilient_tasks.RetryMixin` (``retry_policy``),
     :class:`~resilient_tasks.TimeLimitMixin` (time limits, ``max_redeliveries``) and
     :class:`~resilient_tasks.DeadLetterMixin` (``dead_letter``, ``dead_letter_queue``).
 
@@ -69,16 +68,6 @@ class ResilientTask(RetryMixin, TimeLimitMixin, DeadLetterMixin, Task):  # type:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for option in NOT_YET_AVAILABLE:
-            if option in cls.__dict__:
-                raise invalid(
-                    cls,
-                    option,
-                    cls.__dict__[option],
-                    "not available in this release of resilient-tasks yet; remove it",
-                )
-        check_no_misspelt_options(
-            cls, CELERY_TASK_OPTIONS | LIBRARY_OPTIONS | set(NOT_YET_AVAILABLE)
-        )
+        check_no_misspelt_options(cls, CELERY_TASK_OPTIONS | LIBRARY_OPTIONS)
         check_bool(cls, "acks_late")
         check_bool(cls, "reject_on_worker_lost")

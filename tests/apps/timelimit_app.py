@@ -9,7 +9,7 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from apps.base import append, make_app, record
-from resilient_tasks import ResilientTask, RetryPolicy
+from resilient_tasks import FailureDetails, ResilientTask, RetryPolicy
 
 app = make_app(__name__)
 
@@ -71,3 +71,39 @@ def work(self: Task, seconds: float, log: str) -> str:
     time.sleep(seconds)
     append(log, task=self.name, id=self.request.id, role="done")
     return "done"
+
+
+def note_failure(details: FailureDetails) -> None:
+    """A failure handler: records where and why it ran."""
+    append(
+        details.args[-1],
+        task=details.task_name,
+        id=details.task_id,
+        role="handler",
+        reason=details.reason,
+        attempts=details.attempts,
+        pid=os.getpid(),
+    )
+
+
+@app.task(
+    base=ResilientTask,
+    bind=True,
+    name="tl.hard_handled",
+    time_limit=1,
+    failure_handlers={TimeLimitExceeded: note_failure},
+)
+def hard_handled(self: Task, log: str) -> None:
+    record(self, log)
+    time.sleep(30)
+
+
+@app.task(
+    base=ResilientTask,
+    bind=True,
+    name="tl.raise_handled",
+    failure_handlers={KeyError: note_failure},
+)
+def raise_handled(self: Task, log: str) -> None:
+    record(self, log)
+    raise KeyError("gone")

@@ -9,7 +9,13 @@ from typing import Any
 import pytest
 from celery import Celery, Task
 
-from resilient_tasks import ConfigurationError, ResilientTask, RetryMixin, RetryPolicy
+from resilient_tasks import (
+    ConfigurationError,
+    FailureHooksMixin,
+    ResilientTask,
+    RetryMixin,
+    RetryPolicy,
+)
 
 
 def ok(*_: Any) -> None:
@@ -83,7 +89,9 @@ TASK_OPTIONS: list[tuple[dict[str, Any], str]] = [
         "the fields are {queue}, {task}",
     ),
     ({"dead_letter_queue": "{queue.dlq"}, "dead_letter_queue='{queue.dlq': not a valid template"),
-    ({"failure_handlers": {}}, "failure_handlers={}: not available"),
+    ({"failure_handlers": [KeyError]}, "failure_handlers=[<class 'KeyError'>]: expected a mapping"),
+    ({"failure_handlers": {"KeyError": print}}, "key 'KeyError' is not an exception type"),
+    ({"failure_handlers": {KeyError: 42}}, "the handler for KeyError is not callable"),
     ({"max_redeliveries": -1}, "max_redeliveries=-1: expected a whole number >= 0"),
     ({"max_redeliveries": None}, "max_redeliveries=None: expected a whole number >= 0"),
     ({"max_redeliveries": 2.0}, "max_redeliveries=2.0: expected a whole number >= 0"),
@@ -201,3 +209,10 @@ def test_without_a_policy_celerys_max_retries_is_kept(app: Celery) -> None:
     task = make_task(app, autoretry_for=(ConnectionError,), max_retries=7)
 
     assert task.max_retries == 7
+
+
+def test_failure_hooks_after_retry_mixin_is_refused_because_they_would_miss_decisions() -> None:
+    with pytest.raises(ConfigurationError, match=r"list FailureHooksMixin first"):
+
+        class Late(RetryMixin, FailureHooksMixin, Task):  # type: ignore[misc]
+            pass

@@ -132,3 +132,24 @@ def test_a_pool_that_cannot_enforce_time_limits_is_warned_about_at_start(
     assert "tl.soft" in output
     assert "tl.hard" in output
     assert "tl.work" not in output.split("does not enforce time limits")[1].split("\n")[0]
+
+
+def test_failure_handlers_run_once_in_the_child_or_in_the_worker_for_a_hard_limit(
+    workers: WorkerRunner,
+) -> None:
+    worker = workers.start(APP)
+    raised, killed = worker.send("tl.raise_handled"), worker.send("tl.hard_handled")
+
+    settle(raised)
+    settle(killed)
+    worker.dead_letters(2)
+    time.sleep(0.5)
+
+    handled = {a["task"]: a for a in worker.attempts() if a.get("role") == "handler"}
+    assert len([a for a in worker.attempts() if a.get("role") == "handler"]) == 2
+    assert handled["tl.raise_handled"]["reason"] == "exception"
+    assert handled["tl.hard_handled"]["reason"] == "hard_time_limit"
+    assert handled["tl.hard_handled"]["pid"] == worker.process.pid  # the main process
+    assert handled["tl.raise_handled"]["pid"] in {
+        a["pid"] for a in runs(worker, "tl.raise_handled")
+    }

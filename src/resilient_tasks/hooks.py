@@ -80,19 +80,30 @@ class FailureDetails:
 def handler_for(
     handlers: Mapping[type[BaseException], Handler], exc: BaseException
 ) -> Handler | None:
-    """The handler for the most specific type of ``exc`` (by MRO), else of its causes.
+    """The handler for the most specific type along ``exc``'s chain.
+
+    Each exception in the chain (``exc``, then its ``__cause__`` / ``__context__``) is matched
+    by its MRO; the match nearest to its own type wins, so an exact match on a cause beats a
+    generic ``Exception`` match on a wrapper such as ``Permanent``. On a tie, the outer
+    exception wins.
 
     Example::
 
-        >>> handlers = {OSError: "os", ConnectionError: "conn"}
+        >>> handlers = {OSError: "os", ConnectionError: "conn", Exception: "any"}
         >>> handler_for(handlers, ConnectionResetError()), handler_for(handlers, KeyError())
-        ('conn', None)
+        ('conn', 'any')
+        >>> from resilient_tasks import Permanent
+        >>> handler_for({KeyError: "key", Exception: "any"}, Permanent(KeyError("gone")))
+        'key'
     """
+    best: tuple[int, Handler] | None = None
     for link in exception_chain(exc):
-        for klass in type(link).__mro__:
+        for distance, klass in enumerate(type(link).__mro__):
             if klass in handlers:
-                return handlers[klass]
-    return None
+                if best is None or distance < best[0]:
+                    best = (distance, handlers[klass])
+                break
+    return None if best is None else best[1]
 
 
 def run_isolated(what: str, hook: Callable[..., object], *args: Any) -> None:
@@ -111,9 +122,8 @@ class FailureHooksMixin(_TaskBase):  # type: ignore[misc]
 
     Options (class attributes or ``@app.task`` keywords):
         failure_handlers: a mapping of exception type to a callable taking a
-            :class:`FailureDetails`, run once on a terminal failure. The most specific matching
-            type wins (by MRO); when the exception itself matches none, its ``__cause__`` /
-            ``__context__`` chain is tried.
+            :class:`FailureDetails`, run once on a terminal failure. The most specific match
+            along the exception chain wins (see :func:`handler_for`).
 
     Overridable hooks:
         ``on_give_up(details)``: a terminal failure (after the handler). Celery has no such hook.

@@ -12,6 +12,7 @@ story of every attempt::
 
 from __future__ import annotations
 
+from .classify import TRANSIENT_ERRORS
 from .deadletter import DeadLetterMixin
 from .exceptions import ConfigurationError, Permanent, RetryAfter
 from .hooks import FailureDetails, FailureHooksMixin
@@ -21,6 +22,7 @@ from .task import ResilientTask
 from .timelimit import TimeLimitMixin
 
 __all__ = [
+    "TRANSIENT_ERRORS",
     "ConfigurationError",
     "DeadLetterMixin",
     "FailureDetails",

@@ -19,6 +19,7 @@ from tenacity import Future, RetryCallState, Retrying
 from tenacity.wait import wait_fixed, wait_random_exponential
 
 from ._seconds import to_seconds
+from .classify import retry_after_seconds
 from .exceptions import ConfigurationError, Permanent, RetryAfter
 from .history import Attempt, History
 
@@ -442,10 +443,12 @@ def decide(policy: RetryPolicy, state: AttemptState) -> RetryIn | GiveUp:
     (``"permanent"``); a ``give_up_on`` match, or a failure that neither matches ``retry_on``
     nor carries :class:`~resilient_tasks.RetryAfter`, gives up (``"exception"``, or
     ``"soft_time_limit"`` / ``"hard_time_limit"`` for a time limit, see
-    :func:`unretried_reason`); reaching ``max_attempts`` gives up (``"retries_exhausted"``); a
-    retry that would start later than ``max_elapsed`` after the first attempt, or never (a
-    backoff of infinity), gives up (``"deadline_exceeded"``); anything else is retried after the
-    ``RetryAfter`` delay or the policy's backoff.
+    :func:`unretried_reason`); reaching ``max_attempts`` gives up (``"retries_exhausted"``).
+    The wait is the ``RetryAfter`` seconds, else a server's ``Retry-After`` on an HTTP 429/503
+    error in the chain (:func:`resilient_tasks.classify.retry_after_seconds`, capped), else the
+    policy's backoff; a retry that would start later than ``max_elapsed`` after the first
+    attempt, or never (a backoff of infinity), gives up (``"deadline_exceeded"``); anything else
+    is retried after that wait.
 
     Example::
 
@@ -467,7 +470,11 @@ def decide(policy: RetryPolicy, state: AttemptState) -> RetryIn | GiveUp:
         return GiveUp(unretried_reason(state.exception))
     if policy.max_attempts is not None and state.attempt >= policy.max_attempts:
         return GiveUp("retries_exhausted")
-    delay = retry_after.seconds if retry_after is not None else policy.next_delay(state)
+    if retry_after is not None:
+        delay = retry_after.seconds
+    else:
+        server = retry_after_seconds(state.exception)  # an HTTP 429/503 with Retry-After
+        delay = server if server is not None else policy.next_delay(state)
     if not _backoff["enabled"]:
         delay = 0.0
     if math.isinf(delay) or (

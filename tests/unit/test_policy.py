@@ -910,3 +910,42 @@ def test_permanent_accepts_a_plain_message() -> None:
     assert exc.cause == "customer 42 was deleted"
     assert exc.__cause__ is None
     assert str(exc) == "customer 42 was deleted"
+
+
+def http_error(status: int, retry_after: str | None) -> BaseException:
+    requests = pytest.importorskip("requests")
+    response = requests.Response()
+    response.status_code = status
+    if retry_after is not None:
+        response.headers["Retry-After"] = retry_after
+    return requests.HTTPError(f"{status}", response=response)
+
+
+def test_a_servers_retry_after_sets_the_delay_of_a_retried_failure() -> None:
+    from resilient_tasks import TRANSIENT_ERRORS
+
+    policy = RetryPolicy(retry_on=TRANSIENT_ERRORS, backoff=60)
+
+    decision = decide(policy, AttemptState("t", attempt=1, exception=http_error(429, "7")))
+
+    assert decision == RetryIn(7.0)
+
+
+def test_a_servers_retry_after_does_not_force_a_retry() -> None:
+    policy = RetryPolicy(retry_on=KeyError, backoff=60)
+
+    decision = decide(policy, AttemptState("t", attempt=1, exception=http_error(503, "7")))
+
+    assert decision == GiveUp("exception")
+
+
+def test_an_explicit_retry_after_wins_over_the_servers() -> None:
+    try:
+        try:
+            raise http_error(429, "7")
+        except Exception as exc:
+            raise RetryAfter(3) from exc
+    except RetryAfter as outer:
+        state = AttemptState("t", attempt=1, exception=outer)
+
+    assert decide(RetryPolicy(retry_on=ConnectionError), state) == RetryIn(3.0)

@@ -31,11 +31,14 @@ __all__ = [
     "MAX_REPR_CHARS",
     "MAX_TRACEBACK_CHARS",
     "REDACTED",
+    "REDACT_SETTING",
     "SCHEMA",
     "FailedMessage",
+    "body_field",
     "build_envelope",
     "is_envelope",
     "redact",
+    "redact_patterns",
 ]
 
 #: The envelope's ``schema`` field.
@@ -53,6 +56,8 @@ DEFAULT_REDACT_PATTERNS: tuple[str, ...] = (
     "private_key",
     "credential",
 )
+#: The app setting that replaces :data:`DEFAULT_REDACT_PATTERNS`.
+REDACT_SETTING = "resilient_tasks_redact_patterns"
 #: What a redacted value is replaced with.
 REDACTED = "[REDACTED]"
 #: Tracebacks keep this many characters, from the end (where the raising line is).
@@ -96,6 +101,19 @@ class FailedMessage:
         return self.routing_key
 
 
+def redact_patterns(app: Any) -> tuple[str, ...]:
+    """The redaction patterns of ``app``: its ``resilient_tasks_redact_patterns`` setting, or
+    :data:`DEFAULT_REDACT_PATTERNS`.
+
+    Example::
+
+        >>> from celery import Celery
+        >>> redact_patterns(Celery(set_as_current=False))[:2]
+        ('password', 'passwd')
+    """
+    return tuple(app.conf.get(REDACT_SETTING) or DEFAULT_REDACT_PATTERNS)
+
+
 def redact(value: Any, patterns: Iterable[str] = DEFAULT_REDACT_PATTERNS) -> Any:
     """``value`` with every mapping entry whose key matches a pattern replaced by ``REDACTED``.
 
@@ -127,27 +145,34 @@ def _redact(value: Any, patterns: tuple[str, ...], depth: int) -> Any:
     return value
 
 
-def jsonable(value: Any, depth: int = 0) -> Any:
-    """``value`` as JSON can carry it: containers converted, anything else ``repr``-ed, bounded.
+def jsonable(value: Any, depth: int = 0, *, limit: int | None = MAX_REPR_CHARS) -> Any:
+    """``value`` as JSON can carry it: containers converted, anything else ``repr``-ed.
+
+    Strings and reprs are cut to ``limit`` characters (``None``: kept whole, as for the
+    ``original`` message, which replay must republish exactly).
 
     Example::
 
         >>> jsonable({"when": object, "ids": (1, 2), 3: float("nan")})
         {'when': "<class 'object'>", 'ids': [1, 2], '3': 'nan'}
     """
+
+    def cut(text: str) -> str:
+        return text if limit is None else truncate(text, limit)
+
     if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
     if isinstance(value, str):
-        return truncate(value, MAX_REPR_CHARS)
+        return cut(value)
     if depth < _MAX_DEPTH and isinstance(value, Mapping):
-        return {str(k): jsonable(v, depth + 1) for k, v in value.items()}
+        return {str(k): jsonable(v, depth + 1, limit=limit) for k, v in value.items()}
     if depth < _MAX_DEPTH and isinstance(value, list | tuple | set | frozenset):
-        return [jsonable(v, depth + 1) for v in value]
+        return [jsonable(v, depth + 1, limit=limit) for v in value]
     if isinstance(value, bytes):
-        return truncate(repr(value), MAX_REPR_CHARS)
-    return truncate(_safe_repr(value), MAX_REPR_CHARS)
+        return cut(repr(value))
+    return cut(_safe_repr(value))
 
 
 def _safe_repr(value: Any) -> str:
@@ -161,7 +186,16 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat()
 
 
-def _body_field(body: bytes | str, content_encoding: str | None) -> dict[str, Any]:
+def body_field(body: bytes | str, content_encoding: str | None) -> dict[str, Any]:
+    """A message body as an envelope's ``original`` holds it: text, or base64 when binary.
+
+    Example::
+
+        >>> body_field(b"[[1], {}, {}]", "utf-8")
+        {'body': '[[1], {}, {}]', 'body_encoding': 'text'}
+        >>> body_field(b"\\x80\\x04", "binary")
+        {'body': 'gAQ=', 'body_encoding': 'base64'}
+    """
     if isinstance(body, str):
         return {"body": body, "body_encoding": "text"}
     if content_encoding in (None, "utf-8", "utf8"):
@@ -245,9 +279,12 @@ def build_envelope(
         "dead_lettered_at": _iso(dead_lettered_at),
         "canvas": jsonable(dict(canvas or {})),
         "original": {
-            "headers": jsonable(dict(message.headers)),
-            "properties": jsonable(dict(message.properties)),
-            **_body_field(message.body, message.content_encoding),
+            "headers": jsonable(dict(message.headers), limit=None),
+            "properties": jsonable(
+                {k: v for k, v in message.properties.items() if k != "application_headers"},
+                limit=None,
+            ),
+            **body_field(message.body, message.content_encoding),
             "content_type": message.content_type,
             "content_encoding": message.content_encoding,
         },

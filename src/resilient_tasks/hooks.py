@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from celery.exceptions import Ignore, Reject, Retry
 
 from . import _reason
-from .envelope import DEFAULT_REDACT_PATTERNS, redact
+from .envelope import redact, redact_patterns
 from .history import Attempt, History
 from .options import invalid
 from .policy import Reason, exception_chain
@@ -246,8 +246,7 @@ def details_from_worker(
 
 
 def _redacted(task: Any, kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
-    patterns = task.app.conf.get("resilient_tasks_redact_patterns") or DEFAULT_REDACT_PATTERNS
-    return MappingProxyType(redact(dict(kwargs), patterns))
+    return MappingProxyType(redact(dict(kwargs), redact_patterns(task.app)))
 
 
 def _takes_details(method: Callable[..., object]) -> bool:

@@ -25,7 +25,7 @@ from celery.worker.state import task_ready
 
 from . import _events, _reason
 from .deadletter import confirmed_producer, publish_envelope
-from .envelope import DEFAULT_REDACT_PATTERNS, FailedMessage, build_envelope
+from .envelope import FailedMessage, build_envelope, redact_patterns
 from .history import HEADER, Attempt, History, exception_type_name
 from .hooks import FailureHooksMixin, details_from_worker, give_up
 from .policy import AttemptState, Reason, RetryIn, decide
@@ -37,8 +37,6 @@ logger = logging.getLogger(__name__)
 
 #: The message header that counts how often a message came back after losing its worker.
 REDELIVERIES = "resilient_redeliveries"
-#: The app setting that overrides :data:`~resilient_tasks.envelope.DEFAULT_REDACT_PATTERNS`.
-REDACT_SETTING = "resilient_tasks_redact_patterns"
 # Not failures of the task (control flow), or failures handled elsewhere.
 _NOT_TERMINAL = (Retry, Ignore, Reject, WorkerLostError, TimeLimitExceeded, SystemExit,
                  KeyboardInterrupt, MemoryError)  # fmt: skip
@@ -328,7 +326,7 @@ class ResilientRequest(Request):  # type: ignore[misc]
             priority=properties.get("priority", delivery.get("priority")),
         )
         final = self._final_attempt(exc)
-        patterns = self.task.app.conf.get(REDACT_SETTING) or DEFAULT_REDACT_PATTERNS
+        patterns = redact_patterns(self.task.app)
         return build_envelope(
             failed,
             reason=reason,

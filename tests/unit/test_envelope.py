@@ -194,3 +194,18 @@ def test_is_envelope_tells_envelopes_from_task_messages() -> None:
     assert is_envelope(envelope())
     assert not is_envelope([[42], {}, {}])
     assert not is_envelope({"schema": "something/else"})
+
+
+def test_original_keeps_long_headers_whole_for_an_exact_replay() -> None:
+    long = "x" * (MAX_REPR_CHARS * 3)
+    env = envelope(message(headers={"id": "id-1", "trace": long}))
+
+    assert env["original"]["headers"]["trace"] == long
+
+
+def test_original_drops_rabbitmqs_second_copy_of_the_headers() -> None:
+    props = {"priority": 1, "application_headers": {"kwargsrepr": "{'password': 'p'}"}}
+
+    env = envelope(message(properties=props))
+
+    assert env["original"]["properties"] == {"priority": 1}

@@ -1,0 +1,309 @@
+"""``celery dlq``: list, show, replay and purge dead letters from the command line.
+
+Registered through the ``celery.commands`` entry point, so it runs with the app of ``-A``::
+
+    celery -A proj dlq list    [--queue Q]... [--task NAME] [--id ID] [--reason R] [--limit N]
+                               [--json]
+    celery -A proj dlq show    ID [--queue Q]...
+    celery -A proj dlq replay  [--queue Q]... [--task NAME] [--id ID] [--reason R] [--limit N]
+                               [--dry-run] [--to-queue Q] [--allow-pickle]
+    celery -A proj dlq purge   [--queue Q]... [--task NAME] [--id ID] [--reason R] [--limit N]
+                               [--yes]
+
+Every command is a thin layer over :class:`resilient_tasks.dlq.DeadLetters`; everything it
+prints is redacted (:meth:`resilient_tasks.dlq.DeadLetter.redacted`). Exit status: 0 when the
+command did what it was asked, 1 when it did not (an unknown id, a refused or failed replay, a
+broker error, an aborted purge), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import click
+from kombu.exceptions import OperationalError
+
+from .dlq import DeadLetter, DeadLetters, Outcome, ReplayError
+
+__all__ = ["dlq"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_COLUMNS = ("ID", "TASK", "REASON", "EXCEPTION", "DEAD-LETTERED AT", "ATTEMPTS")
+
+
+def _queue_option(f: _F) -> _F:
+    option = click.option(
+        "--queue",
+        "-Q",
+        "queues",
+        multiple=True,
+        metavar="QUEUE",
+        help="A dead-letter queue (repeatable). Default: every one the app's task routes imply.",
+    )
+    return option(f)
+
+
+def _filter_options(f: _F) -> _F:
+    options = (
+        click.option(
+            "--task", metavar="NAME", help="Only this task (a name or a glob: 'billing.*')."
+        ),
+        click.option("--id", "task_id", metavar="ID", help="Only the task with this id."),
+        click.option(
+            "--reason",
+            metavar="REASON",
+            help="Only this reason (permanent, retries_exhausted, ..., or the broker's: "
+            "expired, rejected, delivery_limit).",
+        ),
+        click.option(
+            "--limit", type=click.IntRange(min=1), metavar="N", help="At most N dead letters."
+        ),
+    )
+    for option in reversed(options):
+        f = option(f)
+    return _queue_option(f)
+
+
+@contextmanager
+def _errors(letters: DeadLetters) -> Iterator[None]:
+    """Broker trouble ends the command with a message (exit status 1), not a traceback."""
+    connection = letters.app.connection_for_read()
+    broker_errors = (OperationalError, *connection.connection_errors, *connection.channel_errors)
+    try:
+        yield
+    except ReplayError as exc:
+        raise click.ClickException(
+            f"{exc}\nReplayed {exc.report.replayed} before that; the rest stay in the "
+            "dead-letter queue."
+        ) from exc
+    except broker_errors as exc:
+        raise click.ClickException(f"broker error: {exc}") from exc
+
+
+def _dead_letters(ctx: click.Context, queues: Sequence[str]) -> DeadLetters:
+    app = getattr(ctx.obj, "app", None)
+    if app is None:
+        raise click.UsageError("run it as a Celery sub-command: celery -A proj dlq ...")
+    app.loader.import_default_modules()  # a Django project's tasks, as `celery worker` does
+    try:
+        return DeadLetters(app, queues or None)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def _queues_text(letters: DeadLetters) -> str:
+    return ", ".join(letters.queues)
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+@click.group(name="dlq")
+def dlq() -> None:
+    """Dead letters: list, show, replay and purge tasks that failed for good.
+
+    Dead letters are read without being consumed; a replay publishes each message with the
+    broker's confirm before it removes it. Everything printed is redacted.
+
+    Example:
+
+    \b
+        celery -A proj dlq list --task billing.sync_invoice
+        celery -A proj dlq replay --reason retries_exhausted --dry-run
+        celery -A proj dlq replay --reason retries_exhausted
+    """
+
+
+@dlq.command(name="list")
+@_filter_options
+@click.option("--json", "as_json", is_flag=True, help="One redacted envelope per line.")
+@click.pass_context
+def list_(
+    ctx: click.Context,
+    queues: tuple[str, ...],
+    task: str | None,
+    task_id: str | None,
+    reason: str | None,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """List dead letters, oldest first (nothing is consumed)."""
+    letters = _dead_letters(ctx, queues)
+    with _errors(letters):
+        found = letters.list(task=task, id=task_id, reason=reason, limit=limit)
+    if as_json:
+        for letter in found:
+            click.echo(json.dumps(letter.redacted(letters.redact_patterns), default=str))
+        return
+    if not found:
+        click.echo(f"No dead letters in {_queues_text(letters)}.")
+        return
+    click.echo(_table([_row(letter) for letter in found]))
+    click.echo(f"\n{_plural(len(found), 'dead letter')} in {_queues_text(letters)}.")
+
+
+def _row(letter: DeadLetter) -> tuple[str, ...]:
+    return (
+        letter.id or "-",
+        letter.task_name or "-",
+        f"{letter.reason} (broker)" if letter.from_broker else letter.reason,
+        letter.exception_type or "-",
+        letter.dead_lettered_at or "-",
+        str(letter.attempts),
+    )
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(_COLUMNS, *rows, strict=False)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in (_COLUMNS, *rows)
+    )
+
+
+@dlq.command()
+@click.argument("task_id", metavar="ID")
+@_queue_option
+@click.pass_context
+def show(ctx: click.Context, task_id: str, queues: tuple[str, ...]) -> None:
+    """Show the dead letter of task ID as (redacted) JSON; exit 1 if there is none."""
+    letters = _dead_letters(ctx, queues)
+    with _errors(letters):
+        found = letters.list(id=task_id)
+    if not found:
+        click.echo(f"No dead letter of task {task_id} in {_queues_text(letters)}.", err=True)
+        ctx.exit(1)
+    for letter in found:
+        click.echo(json.dumps(letter.redacted(letters.redact_patterns), indent=2, default=str))
+
+
+@dlq.command()
+@_filter_options
+@click.option("--dry-run", is_flag=True, help="Show what would be replayed; change nothing.")
+@click.option(
+    "--to-queue", metavar="QUEUE", help="Publish to this queue instead of the original one."
+)
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Also replay pickle-serialised messages (refused by default: unpickling runs code).",
+)
+@click.pass_context
+def replay(
+    ctx: click.Context,
+    queues: tuple[str, ...],
+    task: str | None,
+    task_id: str | None,
+    reason: str | None,
+    limit: int | None,
+    dry_run: bool,
+    to_queue: str | None,
+    allow_pickle: bool,
+) -> None:
+    """Republish dead letters to their original queue, then remove them.
+
+    The attempt count starts again, eta and expires are dropped (they belong to the first run)
+    and the resilient_replays header counts the replays. A message is removed only once the
+    broker has confirmed the publish. Exits 1 if any matching dead letter was not replayed.
+    """
+    letters = _dead_letters(ctx, queues)
+    if to_queue in letters.queues:
+        raise click.UsageError(f"--to-queue {to_queue} is one of the dead-letter queues replayed")
+    notes: list[str] = []
+    with _errors(letters):
+        total = letters.count()
+        label = "Dry run" if dry_run else "Replaying"
+        with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+
+            def progress(letter: DeadLetter, outcome: Outcome) -> None:
+                bar.update(1)
+                if outcome == "would_replay":
+                    notes.append(f"would replay {_describe(letter, to_queue)}")
+                elif outcome == "refused":
+                    notes.append(f"refused {_describe(letter, to_queue)}: {_why(letter, to_queue)}")
+
+            report = letters.replay(
+                task=task,
+                id=task_id,
+                reason=reason,
+                limit=limit,
+                dry_run=dry_run,
+                to_queue=to_queue,
+                allow_pickle=allow_pickle,
+                progress=progress,
+            )
+    for note in notes:
+        click.echo(note)
+    if dry_run:
+        click.echo(
+            f"Dry run: would replay {_plural(report.replayed, 'dead letter')} of "
+            f"{report.matched} matching; nothing was published or removed."
+        )
+    else:
+        click.echo(
+            f"Replayed {_plural(report.replayed, 'dead letter')} of {report.matched} matching "
+            f"from {_queues_text(letters)}."
+        )
+    if report.refused:
+        stays = "it stays" if report.refused == 1 else "they stay"
+        click.echo(
+            f"{_plural(report.refused, 'dead letter')} refused; {stays} in the dead-letter queue.",
+            err=True,
+        )
+        ctx.exit(1)
+
+
+def _describe(letter: DeadLetter, to_queue: str | None) -> str:
+    where = f"queue {to_queue!r}" if to_queue else _destination(letter)
+    return f"{letter.task_name}[{letter.id}] -> {where}"
+
+
+def _destination(letter: DeadLetter) -> str:
+    if letter.destination is None:
+        return "(unknown destination)"
+    exchange, routing_key = letter.destination
+    return f"exchange {exchange!r}, routing key {routing_key!r}"
+
+
+def _why(letter: DeadLetter, to_queue: str | None) -> str:
+    if letter.pickled:
+        return "pickle-serialised (pass --allow-pickle to replay it anyway)"
+    if letter.destination is None and not to_queue:
+        return "its original destination is unknown (pass --to-queue)"
+    return "its original message cannot be decoded"
+
+
+@dlq.command()
+@_filter_options
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def purge(
+    ctx: click.Context,
+    queues: tuple[str, ...],
+    task: str | None,
+    task_id: str | None,
+    reason: str | None,
+    limit: int | None,
+    yes: bool,
+) -> None:
+    """Remove matching dead letters for good (asks first unless --yes)."""
+    letters = _dead_letters(ctx, queues)
+    with _errors(letters):
+        matching = letters.list(task=task, id=task_id, reason=reason, limit=limit)
+    if not matching:
+        click.echo(f"No matching dead letters in {_queues_text(letters)}; nothing purged.")
+        return
+    if not yes:
+        click.confirm(
+            f"Remove {_plural(len(matching), 'dead letter')} from {_queues_text(letters)} for "
+            "good? There is no undo",
+            abort=True,
+        )
+    with _errors(letters):
+        report = letters.purge(task=task, id=task_id, reason=reason, limit=limit)
+    click.echo(f"Purged {_plural(report.purged, 'dead letter')} from {_queues_text(letters)}.")

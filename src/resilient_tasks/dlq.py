@@ -1,0 +1,1025 @@
+"""Dead-letter tools: list, show, replay and purge what failed for good.
+
+:class:`DeadLetters` reads the dead-letter queues of an app: the envelopes
+:class:`~resilient_tasks.DeadLetterMixin` publishes, and task messages the broker dead-lettered
+itself (RabbitMQ's ``x-death``: expired, rejected, delivery limit), presented in the same shape.
+The ``celery dlq`` command (:mod:`resilient_tasks.cli`) is a thin layer over it.
+
+Nothing is lost, whatever happens mid-way:
+
+* **Reading consumes nothing.** ``list`` and ``get`` take messages without acknowledging them
+  and put every one back (on RabbitMQ the channel is closed unacknowledged, and the broker
+  requeues them in their places); on Redis and on the filesystem transport the messages are read
+  where they lie, so they never leave the queue at all.
+* **Replay publishes first, removes second.** Each message is published to its original exchange
+  and routing key with publisher confirms (on RabbitMQ, ``mandatory``: a message no queue would
+  receive is an error, not a silent drop), and only once the broker has it is the dead letter
+  removed. A crash in between leaves the message in both places, never in neither; a crash
+  before it leaves it in the dead-letter queue (unacknowledged messages return when the
+  connection dies).
+* **Only what matches is touched.** Filters (task name, task id, reason, a limit) select; every
+  other message stays as it was. Each operation works on the messages the queue held when it
+  started, so a replayed task that fails again is not replayed twice in one run.
+"""
+
+from __future__ import annotations
+
+import binascii
+import builtins
+import fnmatch
+import json
+import os
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from contextlib import closing, contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from kombu.pools import producers
+from kombu.transport.virtual import Channel as VirtualChannel
+
+from .deadletter import PUBLISH_RETRY_POLICY
+from .envelope import (
+    DEFAULT_REDACT_PATTERNS,
+    REDACTED,
+    SCHEMA,
+    body_field,
+    is_envelope,
+    jsonable,
+    original_body,
+    redact,
+    redact_patterns,
+)
+from .history import HEADER as HISTORY_HEADER
+from .history import History
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = [
+    "PICKLE_CONTENT_TYPE",
+    "REPLAY_HEADER",
+    "DeadLetter",
+    "DeadLetters",
+    "Outcome",
+    "PurgeReport",
+    "ReplayError",
+    "ReplayReport",
+    "dead_letter_queues",
+]
+
+#: The header a replayed message carries: how often it has been replayed.
+REPLAY_HEADER = "resilient_replays"
+#: Pickle-serialised messages are replayed only with ``allow_pickle=True``.
+PICKLE_CONTENT_TYPE = "application/x-python-serialize"
+#: What the progress callback of :meth:`DeadLetters.replay` is told about each dead letter:
+#: ``replayed`` (published and removed), ``would_replay`` (a dry run), ``refused`` (left in
+#: place: pickle without ``allow_pickle``, nowhere to send it, or an undecodable body) or
+#: ``skipped`` (did not match).
+Outcome = Literal["replayed", "would_replay", "refused", "skipped"]
+
+# Headers that belong to the first run's timeline or to the broker's bookkeeping, dropped on replay.
+_DROPPED_HEADERS = frozenset({HISTORY_HEADER, "eta", "expires", "x-delivery-count", "redelivered"})
+_DROPPED_HEADER_PREFIXES = ("x-death", "x-first-death", "x-last-death")
+# Message properties a replay carries over (besides content type, encoding and headers).
+_REPLAYED_PROPERTIES = ("correlation_id", "reply_to", "message_id", "type", "app_id")
+_PERSISTENT = 2
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One message in a dead-letter queue, as an envelope.
+
+    ``envelope`` is the ``resilient_tasks.dead_letter/1`` document the worker published, or,
+    for a task message the broker dead-lettered (``from_broker``), one built from it: the reason
+    is the broker's (``expired``, ``rejected``, ``maxlen``, ``delivery_limit``), the task's id,
+    name and arguments come from the message, its queue, exchange and routing key from the first
+    ``x-death`` entry, ``broker`` holds the ``x-death`` entries and ``original`` is the message
+    itself.
+
+    ``envelope["original"]`` holds the message exactly, secrets included, because replay
+    republishes it; print :meth:`redacted` instead.
+
+    Example::
+
+        >>> letter = DeadLetter("billing.dlq", {
+        ...     "schema": "resilient_tasks.dead_letter/1", "reason": "permanent",
+        ...     "task": {"id": "f7c9", "name": "billing.sync", "exchange": "",
+        ...              "routing_key": "billing"},
+        ...     "exception": {"type": "KeyError"}, "attempts": [{"number": 1}],
+        ...     "original": {"content_type": "application/json"}})
+        >>> letter.id, letter.task_name, letter.reason, letter.attempts, letter.destination
+        ('f7c9', 'billing.sync', 'permanent', 1, ('', 'billing'))
+    """
+
+    queue: str
+    envelope: Mapping[str, Any]
+    from_broker: bool = False
+
+    @property
+    def _task(self) -> Mapping[str, Any]:
+        task = self.envelope.get("task")
+        return task if isinstance(task, Mapping) else {}
+
+    @property
+    def _original(self) -> Mapping[str, Any]:
+        original = self.envelope.get("original")
+        return original if isinstance(original, Mapping) else {}
+
+    @property
+    def id(self) -> str | None:
+        """The task id."""
+        return _str_or_none(self._task.get("id"))
+
+    @property
+    def task_name(self) -> str | None:
+        """The task name."""
+        return _str_or_none(self._task.get("name"))
+
+    @property
+    def reason(self) -> str:
+        """Why it was dead-lettered (the envelope's ``reason``)."""
+        return str(self.envelope.get("reason") or "unknown")
+
+    @property
+    def exception_type(self) -> str | None:
+        """``module.QualName`` of the final exception; ``None`` when the broker dead-lettered."""
+        exception = self.envelope.get("exception")
+        return _str_or_none(exception.get("type")) if isinstance(exception, Mapping) else None
+
+    @property
+    def dead_lettered_at(self) -> str | None:
+        """When it was dead-lettered, ISO-8601."""
+        return _str_or_none(self.envelope.get("dead_lettered_at"))
+
+    @property
+    def attempts(self) -> int:
+        """How many attempts ran before it was dead-lettered (dropped ones included)."""
+        attempts = self.envelope.get("attempts")
+        dropped = self.envelope.get("attempts_dropped")
+        return (len(attempts) if isinstance(attempts, list) else 0) + (
+            dropped if isinstance(dropped, int) else 0
+        )
+
+    @property
+    def content_type(self) -> str | None:
+        """The content type of the original message (``application/json`` for Celery's default)."""
+        return _str_or_none(self._original.get("content_type"))
+
+    @property
+    def pickled(self) -> bool:
+        """Whether the original message is pickle-serialised (replayed only on request)."""
+        return self.content_type == PICKLE_CONTENT_TYPE
+
+    @property
+    def destination(self) -> tuple[str, str] | None:
+        """``(exchange, routing_key)`` the original message was published to; ``None`` if unknown.
+
+        ``""`` is the default exchange, which routes by queue name.
+        """
+        task = self._task
+        routing_key = task.get("routing_key") or task.get("queue")
+        if not isinstance(routing_key, str) or not routing_key:
+            return None
+        exchange = task.get("exchange")
+        return (exchange if isinstance(exchange, str) else "", routing_key)
+
+    def redacted(self, patterns: Iterable[str] = DEFAULT_REDACT_PATTERNS) -> dict[str, Any]:
+        """A copy of the envelope that is safe to print.
+
+        Keyword arguments whose name matches a pattern are replaced by ``"[REDACTED]"`` at any
+        depth: in ``task``, in the original JSON body (which is decoded, redacted and dumped
+        again) and in the original headers. ``argsrepr`` and ``kwargsrepr`` are rebuilt from
+        the redacted arguments. A body that is not JSON is shown as ``"<N bytes, content type>"``.
+
+        Example::
+
+            >>> letter = DeadLetter("q.dlq", {"task": {"kwargs": {"token": "[REDACTED]"}},
+            ...     "original": {"body": '[[1], {"token": "s3cr3t"}, {}]', "body_encoding": "text",
+            ...                  "content_type": "application/json",
+            ...                  "headers": {"kwargsrepr": "{'token': 's3cr3t'}"}}})
+            >>> shown = letter.redacted()
+            >>> shown["original"]["body"], shown["original"]["headers"]["kwargsrepr"]
+            ('[[1], {"token": "[REDACTED]"}, {}]', "{'token': '[REDACTED]'}")
+        """
+        patterns = tuple(patterns)
+        envelope: dict[str, Any] = json.loads(json.dumps(dict(self.envelope), default=str))
+        task = envelope.get("task")
+        if isinstance(task, dict):
+            for key in ("args", "kwargs"):
+                if key in task:
+                    task[key] = redact(task[key], patterns)
+        original = envelope.get("original")
+        if isinstance(original, dict):
+            _redact_original(original, patterns)
+        return envelope
+
+
+def _redact_original(original: dict[str, Any], patterns: tuple[str, ...]) -> None:
+    content_type = original.get("content_type")
+    try:
+        body = original_body(original)
+    except (binascii.Error, ValueError):
+        body = b""
+    decoded = _json_body(body, content_type, original.get("content_encoding"))
+    reprs = {"argsrepr": REDACTED, "kwargsrepr": REDACTED}
+    if decoded is _NOT_JSON:
+        original["body"] = f"<{len(body)} bytes, {content_type}>"
+        original["body_encoding"] = "omitted"
+    else:
+        clean = redact(decoded, patterns)
+        original["body"] = json.dumps(clean)
+        original["body_encoding"] = "text"
+        if isinstance(clean, list) and len(clean) == 3 and isinstance(clean[1], dict):
+            reprs = {"argsrepr": repr(clean[0]), "kwargsrepr": repr(clean[1])}
+    properties = original.get("properties")
+    holders = (original, properties if isinstance(properties, dict) else {})
+    for holder, key in ((holders[0], "headers"), (holders[1], "application_headers")):
+        headers = holder.get(key)
+        if isinstance(headers, dict):
+            clean_headers = redact(headers, patterns)
+            clean_headers.update({k: v for k, v in reprs.items() if k in clean_headers})
+            holder[key] = clean_headers
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    """What :meth:`DeadLetters.replay` did.
+
+    ``examined`` messages were looked at; ``matched`` of them matched the filters;
+    ``replayed`` were published and removed from the dead-letter queue (in a ``dry_run``: would
+    have been; nothing was published or removed); ``refused`` stayed where they were (pickle
+    without ``allow_pickle``, no known destination and no ``to_queue``, or an original body
+    that cannot be decoded).
+
+    Example::
+
+        >>> report = ReplayReport(examined=5, matched=3, replayed=2, refused=1)
+        >>> report.complete
+        False
+    """
+
+    examined: int = 0
+    matched: int = 0
+    replayed: int = 0
+    refused: int = 0
+    dry_run: bool = False
+
+    @property
+    def complete(self) -> bool:
+        """Whether every matching dead letter was replayed (or would have been)."""
+        return self.refused == 0
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    """What :meth:`DeadLetters.purge` did: ``purged`` dead letters were removed for good.
+
+    Example::
+
+        >>> PurgeReport(examined=10, purged=4).purged
+        4
+    """
+
+    examined: int = 0
+    purged: int = 0
+
+
+class ReplayError(Exception):
+    """A replay stopped because a message could not be published.
+
+    The dead letter being published stays in its queue, and so does everything after it;
+    ``report`` says what was replayed before, ``letter`` is the one that failed. The cause
+    (a nack, an unroutable destination, a lost connection) is ``__cause__``.
+
+    Example::
+
+        try:
+            DeadLetters(app).replay(task="billing.sync_invoice")
+        except ReplayError as exc:
+            print(f"replayed {exc.report.replayed}, then {exc.letter.id} failed: {exc}")
+    """
+
+    def __init__(self, message: str, report: ReplayReport, letter: DeadLetter) -> None:
+        super().__init__(message)
+        self.report = report
+        self.letter = letter
+
+
+class _Unroutable(Exception):
+    pass
+
+
+# --- which queues ---------------------------------------------------------------------------
+
+
+def dead_letter_queues(app: Celery) -> tuple[str, ...]:
+    """Every dead-letter queue the app's tasks and routes imply, in task-name order.
+
+    For each registered task with ``dead_letter`` true (built on
+    :class:`~resilient_tasks.DeadLetterMixin`), the queue its route sends it to (the task's own
+    ``queue`` option, else ``task_routes``, else ``task_default_queue``) is put through the
+    task's ``dead_letter_queue`` template. Where the route's routing key differs from the queue
+    name, the queue named after the routing key is included too (the worker names dead-letter
+    queues after the routing key a message arrived with).
+
+    Tasks sent to a queue their route does not name (``apply_async(queue=...)``) are not seen
+    here; name those dead-letter queues explicitly.
+
+    Example::
+
+        app = Celery("billing")
+        app.conf.task_default_queue = "billing"
+
+        @app.task(base=ResilientTask)
+        def sync_invoice(invoice_id): ...
+
+        dead_letter_queues(app)  # ('billing.dlq',)
+    """
+    found: dict[str, None] = {}
+    for name in sorted(app.tasks):
+        task = app.tasks[name]
+        if not getattr(task, "dead_letter", False) or not callable(
+            getattr(task, "dead_letter_queue_for", None)
+        ):
+            continue
+        for source in _source_queues(app, name, getattr(task, "queue", None)):
+            found.setdefault(task.dead_letter_queue_for(source), None)
+    return tuple(found)
+
+
+def _source_queues(app: Celery, name: str, own_queue: object) -> list[str]:
+    try:
+        route = app.amqp.router.route({"queue": own_queue} if own_queue else {}, name)
+        queue = route["queue"]
+        names = [queue.name, route.get("routing_key") or queue.routing_key]
+    except Exception:
+        names = []
+    names = [n for n in names if isinstance(n, str) and n]
+    return list(dict.fromkeys(names)) or [app.conf.task_default_queue]
+
+
+# --- reading a queue without consuming it ---------------------------------------------------
+
+
+@dataclass
+class _Message:
+    """A message as a reader found it; ``token`` is the reader's handle for removing it."""
+
+    body: bytes
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    content_type: str | None
+    content_encoding: str | None
+    exchange: str
+    routing_key: str
+    token: Any = field(repr=False)
+
+
+def _from_kombu(message: Any, token: Any) -> _Message:
+    delivery = message.delivery_info or {}
+    body = message.body
+    return _Message(
+        body=body.encode("utf-8") if isinstance(body, str) else bytes(body or b""),
+        headers=dict(message.headers or {}),
+        properties=dict(message.properties or {}),
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        exchange=delivery.get("exchange") or "",
+        routing_key=delivery.get("routing_key") or "",
+        token=token,
+    )
+
+
+class _Reader(ABC):
+    """Reads one queue: ``messages()`` yields what the queue holds when it is called, oldest
+    first; ``remove()`` takes one for good; ``close()`` leaves every other one in the queue."""
+
+    @abstractmethod
+    def count(self) -> int:
+        """How many messages the queue holds now."""
+
+    @abstractmethod
+    def messages(self) -> Iterator[_Message]:
+        """The messages the queue holds now, oldest first, without taking them."""
+
+    @abstractmethod
+    def remove(self, message: _Message) -> None:
+        """Take ``message`` off the queue for good."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Put back what was taken and not removed."""
+
+
+class _BasicGetReader(_Reader):
+    """AMQP and any other Kombu transport: ``basic_get`` without acknowledging; closing the
+    channel unacknowledged puts the rest back (the broker does it when the connection dies)."""
+
+    def __init__(self, connection: Any, queue: str) -> None:
+        self.connection = connection
+        self.queue = queue
+        self.channel = connection.channel()
+
+    def count(self) -> int:
+        probe = self.connection.channel()  # a 404 closes the channel it happens on
+        try:
+            _, count, _ = probe.queue_declare(queue=self.queue, passive=True)
+        except self.connection.channel_errors:
+            return 0  # no such queue: nothing was dead-lettered there yet
+        finally:
+            with suppress(Exception):
+                probe.close()
+        return int(count or 0)
+
+    def messages(self) -> Iterator[_Message]:
+        for _ in range(self.count()):
+            raw = self.channel.basic_get(queue=self.queue, no_ack=False)
+            if raw is None:
+                return
+            message = self.channel.message_to_python(raw)
+            yield _from_kombu(message, message)
+
+    def remove(self, message: _Message) -> None:
+        message.token.ack()
+
+    def close(self) -> None:
+        with suppress(*self.connection.connection_errors, *self.connection.channel_errors):
+            self.channel.close()
+
+
+class _RedisReader(_Reader):
+    """Kombu's Redis transport: the queue is a list (one per priority step), read in place with
+    ``LRANGE`` from the consuming end and removed by value with ``LREM``, so a message never
+    leaves the list until it is removed for good."""
+
+    PAGE = 200
+
+    def __init__(self, connection: Any, queue: str) -> None:
+        self.channel = connection.default_channel
+        self.client = self.channel.client
+        keys = (self.channel._q_for_pri(queue, step) for step in self.channel.priority_steps)
+        self.keys = list(dict.fromkeys(keys))
+        self.removed = dict.fromkeys(self.keys, 0)
+        # Kombu's prefixing client adds ``global_keyprefix`` to some commands only.
+        self.prefixed = getattr(self.client, "PREFIXED_SIMPLE_COMMANDS", None)
+
+    def _key(self, command: str, key: str) -> str:
+        if self.prefixed is None or command in self.prefixed:
+            return key
+        return f"{self.channel.global_keyprefix}{key}"
+
+    def count(self) -> int:
+        return sum(int(self.client.llen(self._key("LLEN", key))) for key in self.keys)
+
+    def messages(self) -> Iterator[_Message]:
+        for key in self.keys:
+            total = int(self.client.llen(self._key("LLEN", key)))
+            seen = 0
+            while seen < total:
+                kept = seen - self.removed[key]  # still in the list, at the consuming end
+                size = min(self.PAGE, total - seen)
+                page = self.client.lrange(self._key("LRANGE", key), -(kept + size), -(kept + 1))
+                if not page:
+                    break
+                for raw in reversed(page):  # the consuming end (the oldest) first
+                    seen += 1
+                    message = _parse_payload(self.channel, raw, (key, raw))
+                    if message is not None:
+                        yield message
+
+    def remove(self, message: _Message) -> None:
+        key, raw = message.token
+        self.removed[key] += int(self.client.lrem(self._key("LREM", key), -1, raw))
+
+    def close(self) -> None:
+        """Nothing was taken."""
+
+
+class _FolderReader(_Reader):
+    """Kombu's filesystem transport: one file per message, read in place and deleted (or moved
+    to the processed folder, as Kombu does) when removed. A file still being written is
+    skipped."""
+
+    def __init__(self, connection: Any, queue: str) -> None:
+        self.channel = connection.default_channel
+        self.folder = Path(self.channel.data_folder_in)
+        self.suffix = f"{queue}.msg"
+
+    def _names(self) -> list[str]:
+        return sorted(n for n in os.listdir(self.folder) if n.partition(".")[2] == self.suffix)
+
+    def count(self) -> int:
+        return len(self._names())
+
+    def messages(self) -> Iterator[_Message]:
+        for name in self._names():
+            path = self.folder / name
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                continue  # taken meanwhile
+            message = _parse_payload(self.channel, raw, path)
+            if message is not None:
+                yield message
+
+    def remove(self, message: _Message) -> None:
+        path: Path = message.token
+        with suppress(FileNotFoundError):
+            if self.channel.store_processed:
+                shutil.move(path, self.channel.processed_folder)
+            else:
+                path.unlink()
+
+    def close(self) -> None:
+        """Nothing was taken."""
+
+
+def _parse_payload(channel: Any, raw: bytes | str, token: Any) -> _Message | None:
+    """A virtual transport's stored message; ``None`` for one half-written or not Kombu's."""
+    try:
+        payload = json.loads(raw)
+        return _from_kombu(channel.message_to_python(payload), token)
+    except Exception:
+        return None
+
+
+def _reader(connection: Any, queue: str) -> _Reader:
+    driver = connection.transport.driver_type
+    if driver == "redis":
+        return _RedisReader(connection, queue)
+    if driver == "filesystem":
+        return _FolderReader(connection, queue)
+    return _BasicGetReader(connection, queue)
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+_NOT_JSON = object()
+
+
+def _json_body(body: bytes, content_type: object, content_encoding: object) -> Any:
+    """The decoded JSON body, or ``_NOT_JSON``. Nothing else is ever deserialised here: a
+    pickle body is never unpickled."""
+    if content_type != "application/json":
+        return _NOT_JSON
+    try:
+        encoding = content_encoding if isinstance(content_encoding, str) else "utf-8"
+        return json.loads(body.decode(encoding if encoding not in ("binary", "") else "utf-8"))
+    except (ValueError, LookupError):
+        return _NOT_JSON
+
+
+def _letter(queue: str, message: _Message, patterns: tuple[str, ...]) -> DeadLetter | None:
+    decoded = _json_body(message.body, message.content_type, message.content_encoding)
+    if is_envelope(decoded):
+        return DeadLetter(queue, decoded)
+    if "task" in message.headers and "id" in message.headers:  # a protocol-2 task message
+        return DeadLetter(queue, _broker_envelope(message, decoded, patterns), from_broker=True)
+    return None
+
+
+def _broker_envelope(message: _Message, decoded: Any, patterns: tuple[str, ...]) -> dict[str, Any]:
+    """An envelope for a task message the broker dead-lettered, from its first ``x-death``."""
+    headers = message.headers
+    deaths = headers.get("x-death")
+    deaths = deaths if isinstance(deaths, list) else []
+    death = deaths[0] if deaths and isinstance(deaths[0], Mapping) else {}
+    routing_keys = death.get("routing-keys")
+    args: Any = []
+    kwargs: Any = {}
+    if isinstance(decoded, list) and len(decoded) == 3:
+        args, kwargs = decoded[0], decoded[1]
+    history = History.from_headers(headers)
+    properties = {
+        key: value
+        for key, value in message.properties.items()
+        if key in (*_REPLAYED_PROPERTIES, "priority", "delivery_mode")
+    }
+    reason = str(death.get("reason") or "unknown")
+    return {
+        "schema": SCHEMA,
+        "reason": reason,
+        "task": {
+            "id": _str_or_none(headers.get("id")),
+            "name": _str_or_none(headers.get("task")),
+            "args": jsonable(args),
+            "kwargs": jsonable(redact(kwargs, patterns)),
+            "queue": _str_or_none(death.get("queue")),
+            "exchange": _str_or_none(death.get("exchange")) if death else None,
+            "routing_key": _str_or_none(routing_keys[0])
+            if isinstance(routing_keys, list) and routing_keys
+            else None,
+            "priority": properties.get("priority"),
+        },
+        "exception": {
+            "type": None,
+            "message": f"dead-lettered by the broker ({reason})",
+            "traceback": "",
+        },
+        "attempts": [attempt.as_dict() for attempt in history.attempts],
+        "attempts_dropped": history.dropped,
+        "first_attempt_at": history.first_attempt_at,
+        "dead_lettered_at": _plain(death.get("time")),
+        "canvas": {},
+        "broker": {"x-death": _plain(deaths)},
+        "original": {
+            "headers": _plain(headers),
+            "properties": _plain(properties),
+            **body_field(message.body, message.content_encoding),
+            "content_type": message.content_type,
+            "content_encoding": message.content_encoding,
+        },
+    }
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON carries it, exactly (no truncation): times as ISO-8601."""
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return moment.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+# --- replaying ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    body: bytes
+    exchange: str
+    routing_key: str
+    headers: dict[str, Any]
+    content_type: str
+    content_encoding: str
+    priority: int | None
+    delivery_mode: int
+    properties: dict[str, Any]
+
+
+def _outgoing(letter: DeadLetter, to_queue: str | None) -> _Outgoing | None:
+    """The message replay publishes for ``letter``; ``None`` when it has nowhere to go or its
+    body cannot be decoded."""
+    destination = ("", to_queue) if to_queue else letter.destination
+    original = letter._original
+    try:
+        body = original_body(original)
+    except (binascii.Error, ValueError):
+        return None
+    if destination is None:
+        return None
+    headers = {
+        key: value
+        for key, value in dict(original.get("headers") or {}).items()
+        if key not in _DROPPED_HEADERS and not key.startswith(_DROPPED_HEADER_PREFIXES)
+    }
+    if "task" in headers or "retries" in headers:  # Celery's protocol 2: the attempt count
+        headers["retries"] = 0
+    previous = headers.get(REPLAY_HEADER)
+    headers[REPLAY_HEADER] = (previous if isinstance(previous, int) else 0) + 1
+    properties = original.get("properties")
+    properties = properties if isinstance(properties, Mapping) else {}
+    priority = properties.get("priority", letter._task.get("priority"))
+    delivery_mode = properties.get("delivery_mode")
+    return _Outgoing(
+        body=body,
+        exchange=destination[0],
+        routing_key=destination[1],
+        headers=headers,
+        content_type=_str_or_none(original.get("content_type")) or "application/data",
+        content_encoding=_str_or_none(original.get("content_encoding")) or "binary",
+        priority=priority if isinstance(priority, int) else None,
+        delivery_mode=delivery_mode if delivery_mode in (1, 2) else _PERSISTENT,
+        properties={
+            key: properties[key] for key in _REPLAYED_PROPERTIES if properties.get(key) is not None
+        },
+    )
+
+
+def _publish(producer: Any, message: _Outgoing) -> None:
+    """Publish and wait for the broker's confirm; raise if no queue would receive it."""
+    channel = producer.channel
+    # Kombu's virtual transports drop a message no binding matches, silently.
+    if (
+        isinstance(channel, VirtualChannel)
+        and message.exchange
+        and not channel._lookup(message.exchange, message.routing_key)  # type: ignore[no-untyped-call]
+    ):
+        raise _Unroutable(
+            f"no queue is bound to exchange {message.exchange!r} "
+            f"with routing key {message.routing_key!r}"
+        )
+    returned: list[BaseException] = []
+
+    def on_return(exc: BaseException, *_: Any) -> None:
+        returned.append(exc)
+
+    # AMQP: ``mandatory`` makes the broker return an unroutable message (before its confirm).
+    events = getattr(channel, "events", None)
+    if events is not None:
+        events["basic_return"].add(on_return)
+    try:
+        producer.publish(
+            message.body,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            headers=message.headers,
+            delivery_mode=message.delivery_mode,
+            mandatory=True,
+            retry=True,
+            retry_policy=dict(PUBLISH_RETRY_POLICY),
+            **({"priority": message.priority} if message.priority is not None else {}),
+            **message.properties,
+        )
+    finally:
+        if events is not None:
+            events["basic_return"].discard(on_return)
+    if returned:
+        raise _Unroutable(
+            f"the broker returned it: no queue is bound to exchange {message.exchange!r} "
+            f"with routing key {message.routing_key!r} ({returned[0]})"
+        ) from returned[0]
+
+
+# --- the API --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Filter:
+    task: str | None = None
+    id: str | None = None
+    reason: str | None = None
+
+    def __call__(self, letter: DeadLetter) -> bool:
+        return (
+            (self.task is None or fnmatch.fnmatchcase(letter.task_name or "", self.task))
+            and (self.id is None or letter.id == self.id)
+            and (self.reason is None or letter.reason == self.reason)
+        )
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None (no limit), not {limit!r}")
+
+
+class DeadLetters:
+    """The dead-letter queues of ``app``: list, get, replay and purge what is in them.
+
+    ``queues`` names the dead-letter queues; ``None`` (the default) means every one the app's
+    tasks and routes imply (:func:`dead_letter_queues`), and ``ValueError`` if there is none.
+
+    The filters every operation takes: ``task`` is a task name, or a shell-style pattern of
+    one (``"billing.*"``); ``id`` a task id; ``reason`` the envelope's reason (``permanent``,
+    ``retries_exhausted``, ..., or the broker's: ``expired``, ``rejected``, ``delivery_limit``);
+    ``limit`` the most dead letters to act on (``None``: all). ``None`` filters nothing.
+
+    Example::
+
+        from resilient_tasks.dlq import DeadLetters
+
+        letters = DeadLetters(app)                    # every dead-letter queue of the app
+        for letter in letters.list(task="billing.sync_invoice", limit=20):
+            print(letter.id, letter.reason, letter.exception_type, letter.attempts)
+
+        letters.get("f7c9...")                        # one, or None
+        letters.replay(reason="retries_exhausted", dry_run=True)
+        report = letters.replay(reason="retries_exhausted")
+        print(report.replayed, "replayed,", report.refused, "refused")
+        letters.purge(task="reports.legacy_export")
+    """
+
+    def __init__(self, app: Celery, queues: Iterable[str] | str | None = None) -> None:
+        self.app = app
+        if isinstance(queues, str):
+            queues = (queues,)
+        self.queues: tuple[str, ...] = (
+            dead_letter_queues(app) if queues is None else tuple(dict.fromkeys(queues))
+        )
+        if not self.queues:
+            raise ValueError(
+                "no dead-letter queues: the app has no task with dead_letter=True "
+                "(is the module that defines them imported?); name the queues explicitly"
+            )
+        #: The redaction patterns :meth:`DeadLetter.redacted` should be given for this app.
+        self.redact_patterns: tuple[str, ...] = redact_patterns(app)
+
+    def count(self) -> int:
+        """How many messages the queues hold now (dead letters or not).
+
+        Example::
+
+            DeadLetters(app, ["billing.dlq"]).count()  # 3
+        """
+        total = 0
+        for queue in self.queues:
+            with self.app.connection_for_read() as connection:
+                reader = _reader(connection, queue)
+                try:
+                    total += reader.count()
+                finally:
+                    reader.close()
+        return total
+
+    def _walk(self) -> Generator[tuple[_Reader, _Message, DeadLetter], None, None]:
+        for queue in self.queues:
+            with self.app.connection_for_read() as connection:
+                reader = _reader(connection, queue)
+                try:
+                    for message in reader.messages():
+                        letter = _letter(queue, message, self.redact_patterns)
+                        if letter is not None:
+                            yield reader, message, letter
+                finally:
+                    reader.close()
+
+    def list(
+        self,
+        *,
+        task: str | None = None,
+        id: str | None = None,
+        reason: str | None = None,
+        limit: int | None = None,
+    ) -> builtins.list[DeadLetter]:
+        """The dead letters that match, oldest first, queue by queue. Consumes nothing.
+
+        Example::
+
+            for letter in DeadLetters(app).list(reason="permanent", limit=10):
+                print(letter.id, letter.task_name, letter.exception_type)
+        """
+        _check_limit(limit)
+        match = _Filter(task, id, reason)
+        found: builtins.list[DeadLetter] = []
+        with closing(self._walk()) as walk:
+            for _, _, letter in walk:
+                if match(letter):
+                    found.append(letter)
+                    if limit is not None and len(found) >= limit:
+                        break
+        return found
+
+    def get(self, id: str) -> DeadLetter | None:
+        """The dead letter of task ``id`` (the oldest, if there are several), or ``None``.
+
+        Consumes nothing.
+
+        Example::
+
+            letter = DeadLetters(app).get("f7c9e2d0-...")
+            if letter is not None:
+                print(letter.redacted(DeadLetters(app).redact_patterns))
+        """
+        found = self.list(id=id, limit=1)
+        return found[0] if found else None
+
+    def replay(
+        self,
+        *,
+        task: str | None = None,
+        id: str | None = None,
+        reason: str | None = None,
+        limit: int | None = None,
+        dry_run: bool = False,
+        to_queue: str | None = None,
+        allow_pickle: bool = False,
+        progress: Callable[[DeadLetter, Outcome], None] | None = None,
+    ) -> ReplayReport:
+        """Republish the matching dead letters, then remove them from their queue.
+
+        Each original message is published as it was (body, content type and encoding,
+        headers, priority, persistence) to its original exchange and routing key, or with
+        ``to_queue`` to that queue (through the default exchange), with these changes:
+
+        * the attempt count starts again: Celery's ``retries`` header is 0 and the attempt
+          history (``resilient_history``) is removed;
+        * ``eta`` and ``expires`` are removed: they belong to the first run's timeline, and a
+          replay runs now (a task that expired before it ran would otherwise be revoked again);
+        * the broker's ``x-death``, ``x-first-death-*`` and ``x-last-death-*`` headers are
+          removed;
+        * ``resilient_replays`` counts the replays: the previous value plus one.
+
+        The dead letter is removed only once the broker has confirmed the publish. A
+        destination no queue is bound to is an error (:class:`ReplayError`): the message stays.
+
+        ``dry_run``: publish nothing, remove nothing; the report counts what would be replayed.
+        ``allow_pickle``: pickle-serialised messages are refused (left in place, counted in
+        ``refused``) unless this is true, since unpickling runs code chosen by whoever could
+        write to the queue. ``progress`` is called for every dead letter examined, with its
+        :data:`Outcome`.
+
+        Example::
+
+            report = DeadLetters(app).replay(task="billing.*", reason="retries_exhausted")
+            print(f"{report.replayed} replayed, {report.refused} refused")
+        """
+        _check_limit(limit)
+        if to_queue is not None and to_queue in self.queues:
+            raise ValueError(f"to_queue {to_queue!r} is one of the dead-letter queues replayed")
+        match = _Filter(task, id, reason)
+        counts = dict.fromkeys(("examined", "matched", "replayed", "refused"), 0)
+
+        def report() -> ReplayReport:
+            return ReplayReport(**counts, dry_run=dry_run)
+
+        def tell(letter: DeadLetter, outcome: Outcome) -> None:
+            if progress is not None:
+                progress(letter, outcome)
+
+        with self._producer(dry_run) as producer, closing(self._walk()) as walk:
+            for reader, message, letter in walk:
+                counts["examined"] += 1
+                if not match(letter):
+                    tell(letter, "skipped")
+                    continue
+                counts["matched"] += 1
+                outgoing = _outgoing(letter, to_queue)
+                if outgoing is None or (letter.pickled and not allow_pickle):
+                    counts["refused"] += 1
+                    tell(letter, "refused")
+                elif dry_run:
+                    counts["replayed"] += 1
+                    tell(letter, "would_replay")
+                else:
+                    try:
+                        _publish(producer, outgoing)
+                    except Exception as exc:
+                        raise ReplayError(
+                            f"could not replay {letter.task_name}[{letter.id}] from "
+                            f"{letter.queue}: {exc}",
+                            report(),
+                            letter,
+                        ) from exc
+                    reader.remove(message)
+                    counts["replayed"] += 1
+                    tell(letter, "replayed")
+                if limit is not None and counts["matched"] >= limit:
+                    break
+        return report()
+
+    @contextmanager
+    def _producer(self, dry_run: bool) -> Iterator[Any]:
+        if dry_run:
+            yield None
+            return
+        connection = self.app.connection_for_write(transport_options={"confirm_publish": True})
+        with producers[connection].acquire(block=True, timeout=10) as producer:
+            try:
+                yield producer
+            except BaseException:
+                # A publish cut short may leave its channel mid-conversation (a confirm still
+                # to come): reconnect rather than hand that channel to the pool's next user.
+                with suppress(Exception):
+                    producer.connection.close()
+                raise
+
+    def purge(
+        self,
+        *,
+        task: str | None = None,
+        id: str | None = None,
+        reason: str | None = None,
+        limit: int | None = None,
+    ) -> PurgeReport:
+        """Remove the matching dead letters for good; every other message stays.
+
+        With no filter at all, every dead letter in the queues is removed (a message that is
+        neither an envelope nor a task message is left alone).
+
+        Example::
+
+            report = DeadLetters(app).purge(task="reports.legacy_export")
+            print(report.purged, "removed")
+        """
+        _check_limit(limit)
+        match = _Filter(task, id, reason)
+        examined = purged = 0
+        with closing(self._walk()) as walk:
+            for reader, message, letter in walk:
+                examined += 1
+                if not match(letter):
+                    continue
+                reader.remove(message)
+                purged += 1
+                if limit is not None and purged >= limit:
+                    break
+        return PurgeReport(examined=examined, purged=purged)

@@ -66,13 +66,7 @@ def sometimes(self: Task, n: int, broken: str, log: str) -> int:
     """Fail permanently for n % 10 < 3 while the file ``broken`` exists (the bug); else succeed."""
     if n % 10 < 3 and os.path.exists(broken):
         raise Permanent(ValueError(f"record {n} is malformed"))
-    append(
-        log,
-        task="dl.sometimes",
-        n=n,
-        id=self.request.id,
-        replays=self.request.headers.get("resilient_replays") if self.request.headers else None,
-    )
+    append(log, task="dl.sometimes", n=n, id=self.request.id, headers=self.request.headers or {})
     return n
 
 

@@ -38,3 +38,9 @@ def poison(self: Task, log: str) -> None:
     """Requeue itself forever: the quorum queue's delivery limit stops it."""
     record(self, log)
     raise Reject("try again", requeue=True)
+
+
+@app.task(base=ResilientTask, bind=True, name="native.ok")
+def ok(self: Task, log: str) -> str:
+    record(self, log)
+    return "ok"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from resilient_tasks.deadletter import publish_envelope
 from support.worker import Worker, WorkerRunner
 
 APP = "apps.deadletter_app"
@@ -40,6 +42,28 @@ def test_1000_tasks_300_dead_lettered_once_each_then_replayed_to_success(
     assert set(successes(worker)) == set(sent) - failing
     assert max(successes(worker).values()) == 1  # nothing ran twice
 
+    # Fix the cause, then replay what failed, as an operator would.
+    for envelope in envelopes:  # back into the dead-letter queue, which drain() emptied
+        republish(worker, envelope)
+    broken.unlink()
+    replay = worker.celery("dlq", "replay", "--queue", f"{worker.queue}.dlq")
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    worker.wait_for(
+        lambda: set(successes(worker)) == set(sent), timeout=120, what="the replayed tasks"
+    )
+
+    replayed = [a for a in worker.attempts() if a.get("id") in failing]
+    assert len(replayed) == FAILING  # each once
+    assert all(a["headers"]["resilient_replays"] == 1 for a in replayed)
+    assert all("resilient_history" not in a["headers"] for a in replayed)
+    listing = worker.celery("dlq", "list", "--queue", f"{worker.queue}.dlq", "--json")
+    assert listing.returncode == 0
+    assert listing.stdout.strip() == ""  # the dead-letter queue is empty
+
 
 def successes(worker: Worker) -> Counter[str]:
     return Counter(a["id"] for a in worker.attempts() if a["task"] == "dl.sometimes")
+
+
+def republish(worker: Worker, envelope: dict[str, Any]) -> None:
+    publish_envelope(worker.client, f"{worker.queue}.dlq", envelope, worker.queue)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -96,3 +97,31 @@ def test_quorum_delivery_limit_dead_letters_a_poison_message(workers: WorkerRunn
     assert x_death(message)["reason"] == "delivery_limit"
     deliveries = [a for a in worker.attempts() if a["id"] == result.id]
     assert len(deliveries) == 3  # the first delivery and two more, then RabbitMQ stops it
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_broker_dead_lettered_messages_are_listed_and_replayed(workers: WorkerRunner) -> None:
+    served, expiring = workers.broker.queue_name("served"), workers.broker.queue_name("ttl")
+    ttl = {"name": expiring, "arguments": {"x-message-ttl": 100}}
+    worker = start(workers, {"classic": [{"name": served}, ttl]}, [served])
+    with worker.client.connection_for_write() as conn:
+        worker.client.amqp.queues[expiring].bind(conn.default_channel).declare()
+    declare_dead_letter_queues(worker.client)
+    result = worker.send("native.ok", queue=expiring)
+    dlq = f"{expiring}.dlq"
+    worker.wait_for(lambda: listed(worker, dlq), what="the expired message in the DLQ")
+
+    (letter,) = listed(worker, dlq)
+    replay = worker.celery("dlq", "replay", "--queue", dlq, "--to-queue", served)
+
+    assert letter["reason"] == "expired"
+    assert letter["task"]["id"] == result.id
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert result.get(timeout=30, interval=0.05) == "ok"
+    assert listed(worker, dlq) == []
+
+
+def listed(worker: Worker, queue: str) -> list[dict[str, Any]]:
+    run = worker.celery("dlq", "list", "--queue", queue, "--json")
+    assert run.returncode == 0, run.stderr
+    return [json.loads(line) for line in run.stdout.splitlines() if line.strip()]

@@ -10,7 +10,8 @@ folder, sends three tasks and shows what happens to each:
 * ``fetch_rate`` fails twice with ``ConnectionError``, is retried after its backoff delays and
   succeeds on the third attempt;
 * ``notify_partner`` is told by the (pretend) server to come back in 1 second (``RetryAfter``);
-* ``charge_card`` keeps failing and gives up after ``max_attempts``.
+* ``charge_card`` keeps failing, gives up after ``max_attempts`` and lands in the dead-letter
+  queue with the story of its three attempts.
 
 Set ``CELERY_BROKER_URL`` (and optionally ``CELERY_RESULT_BACKEND``) to run the same script on
 your own broker, e.g. ``CELERY_BROKER_URL=amqp://guest:guest@127.0.0.1:5672// python
@@ -33,6 +34,7 @@ from celery.utils.log import get_task_logger
 from tenacity import wait_exponential
 
 from resilient_tasks import ResilientTask, RetryAfter, RetryPolicy
+from resilient_tasks.dlq import DeadLetters
 from resilient_tasks.history import History
 
 # The worker subprocess imports this module too; the parent passes the folder and queue on.
@@ -139,6 +141,23 @@ def stop_worker(worker: subprocess.Popen[bytes]) -> None:
         worker.wait()
 
 
+def show_dead_letters() -> None:
+    """What gave up is in the dead-letter queue, with its story, ready to replay."""
+    dead = DeadLetters(app, queues=[f"{QUEUE}.dlq"])
+    deadline = time.monotonic() + 10  # the worker publishes it just after the result
+    while not (letters := dead.list()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print(f"\ndead-letter queue {QUEUE}.dlq:")
+    for letter in letters:
+        attempts = ", ".join(
+            f"#{a['number']} {a['exception_type']}"
+            + (f" then {a['delay']:g}s" if a["delay"] is not None else "")
+            for a in letter.envelope["attempts"]
+        )
+        print(f"  {letter.task_name}  reason={letter.reason}  attempts: {attempts}")
+    print("  (in your project: celery -A proj dlq list | show ID | replay | purge)")
+
+
 def main() -> None:
     print(f"broker: {BROKER}   queue: {QUEUE}")
     print(f"retry policy: up to {POLICY.max_attempts} attempts, delays {POLICY.delays(4)} s")
@@ -158,6 +177,7 @@ def main() -> None:
         for call, value in outcomes:
             failed = f"{type(value).__name__}: " if isinstance(value, Exception) else ""
             print(f"  {call:<20} {failed}{value}")
+        show_dead_letters()
         print("stopping the worker...")
     finally:
         stop_worker(worker)
@@ -167,6 +187,7 @@ def main() -> None:
                 queue.declare()  # so this process knows its bindings and removes them too
                 queue.delete()
                 queue.exchange.delete()
+                conn.default_channel.queue_delete(f"{QUEUE}.dlq")
 
 
 if __name__ == "__main__":

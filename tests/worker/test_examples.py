@@ -45,3 +45,7 @@ def test_quickstart_retries_succeeds_and_gives_up(broker: Broker, tmp_path: Path
     assert "retried after 0.50s" in output
     assert "retried after 1.00s" in output
     assert output.count("charging the card for order 42") == 3
+    assert (
+        "quickstart.charge_card  reason=retries_exhausted  attempts: "
+        "#1 ConnectionError then 0.5s, #2 ConnectionError then 0.5s, #3 ConnectionError"
+    ) in output

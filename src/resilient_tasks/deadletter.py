@@ -24,11 +24,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from celery import Task
 from kombu.entity import Queue
 from kombu.messaging import Producer
 from kombu.pools import producers
 
-from .options import check_bool, invalid
+from .options import check_before, check_bool, invalid
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -121,6 +122,7 @@ class DeadLetterMixin(_TaskBase):  # type: ignore[misc]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        check_before(cls, DeadLetterMixin, Task, "celery.Task's Request would replace its own")
         check_bool(cls, "dead_letter", allow_none=False)
         template = getattr(cls, "dead_letter_queue", None)
         if not isinstance(template, str) or not template.strip():

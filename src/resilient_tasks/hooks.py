@@ -21,12 +21,13 @@ from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 
 from . import _reason
 from .envelope import redact, redact_patterns
 from .history import Attempt, History
-from .options import invalid
+from .options import check_before, invalid
 from .policy import Reason, exception_chain
 from .retry import RetryMixin
 
@@ -165,7 +166,8 @@ class FailureHooksMixin(_TaskBase):  # type: ignore[misc]
                     handlers,
                     f"the handler for {key.__name__} is not callable",
                 )
-        _check_order(cls)
+        check_before(cls, FailureHooksMixin, RetryMixin, "the hooks would miss its decisions")
+        check_before(cls, FailureHooksMixin, Task, "Celery's methods would shadow it")
         own = cls.__dict__.get("on_retry")
         if own is not None and _takes_details(own):
             setattr(cls, _DETAILS_ON_RETRY, True)
@@ -270,16 +272,3 @@ def _details_only(method: Callable[..., object]) -> Callable[..., object]:
     on_retry.__doc__ = method.__doc__
     on_retry.__wrapped__ = method  # type: ignore[attr-defined]
     return on_retry
-
-
-def _check_order(cls: type) -> None:
-    mro = cls.__mro__
-    if RetryMixin in mro and mro.index(RetryMixin) < mro.index(FailureHooksMixin):
-        raise invalid(
-            cls,
-            "bases",
-            tuple(b.__name__ for b in cls.__bases__),
-            "RetryMixin comes before FailureHooksMixin, so the hooks would not see its "
-            "decisions; list FailureHooksMixin first: class MyTask(FailureHooksMixin, "
-            "RetryMixin, Task)",
-        )

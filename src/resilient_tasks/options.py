@@ -14,6 +14,7 @@ from .exceptions import ConfigurationError
 
 __all__ = [
     "CELERY_TASK_OPTIONS",
+    "check_before",
     "check_bool",
     "check_count",
     "check_exception_types",
@@ -132,3 +133,17 @@ def check_no_misspelt_options(cls: type, known: Iterable[str]) -> None:
         close = difflib.get_close_matches(attr, known, n=1, cutoff=0.8)
         if close:
             raise invalid(cls, attr, own[attr], f"unknown option; did you mean {close[0]}?")
+
+
+def check_before(cls: type, first: type, then: type, consequence: str) -> None:
+    """Refuse a class whose MRO puts ``then`` before ``first``: ``first``'s methods would never
+    run. ``consequence`` says what would go wrong."""
+    mro = cls.__mro__
+    if first in mro and then in mro and mro.index(then) < mro.index(first):
+        raise invalid(
+            cls,
+            "bases",
+            tuple(b.__name__ for b in cls.__bases__),
+            f"{then.__name__} comes before {first.__name__}, so {consequence}; list "
+            f"{first.__name__} first: class MyTask({first.__name__}, ..., {then.__name__})",
+        )

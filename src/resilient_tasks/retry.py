@@ -27,6 +27,7 @@ from . import _events, _reason
 from .exceptions import Permanent
 from .history import HEADER, Attempt, History
 from .options import (
+    check_before,
     check_bool,
     check_count,
     check_exception_types,
@@ -120,7 +121,9 @@ class RetryMixin(_TaskBase):  # type: ignore[misc]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _check_order(cls)
+        check_before(
+            cls, RetryMixin, Task, "Celery's methods would shadow it and no policy applies"
+        )
         policy = getattr(cls, "retry_policy", None)
         if policy is not None and not isinstance(policy, RetryPolicy):
             raise invalid(
@@ -242,18 +245,6 @@ class RetryMixin(_TaskBase):  # type: ignore[misc]
             history=History.from_headers(request.headers),
             started=_attempt_started.get() or now,
             now=now,
-        )
-
-
-def _check_order(cls: type) -> None:
-    mro = cls.__mro__
-    if Task in mro and mro.index(Task) < mro.index(RetryMixin):
-        raise invalid(
-            cls,
-            "bases",
-            tuple(b.__name__ for b in cls.__bases__),
-            "celery.Task comes before RetryMixin, so Celery's methods would shadow the mixin's "
-            "and no policy would apply; list the mixins first: class MyTask(RetryMixin, Task)",
         )
 
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from celery import signals
+from celery import Task, signals
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 
 from . import _events
-from .options import check_seconds, invalid, task_label
+from .options import check_before, check_seconds, invalid, task_label
 
 if TYPE_CHECKING:
     from celery import Task as _TaskBase
@@ -69,6 +69,7 @@ class TimeLimitMixin(_TaskBase):  # type: ignore[misc]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        check_before(cls, TimeLimitMixin, Task, "Celery's methods would shadow it")
         soft = check_seconds(cls, "soft_time_limit")
         hard = check_seconds(cls, "time_limit")
         if soft is not None and hard is not None and soft >= hard:

@@ -11,10 +11,12 @@ from celery import Celery, Task
 
 from resilient_tasks import (
     ConfigurationError,
+    DeadLetterMixin,
     FailureHooksMixin,
     ResilientTask,
     RetryMixin,
     RetryPolicy,
+    TimeLimitMixin,
 )
 
 
@@ -170,7 +172,9 @@ def test_mixin_before_celery_task_takes_its_max_retries_from_the_policy() -> Non
 
 
 def test_mixin_after_celery_task_is_refused_because_it_would_never_run() -> None:
-    with pytest.raises(ConfigurationError, match=r"list the mixins first"):
+    with pytest.raises(
+        ConfigurationError, match=r"Task comes before RetryMixin.*list RetryMixin first"
+    ):
 
         class Shadowed(Task, RetryMixin):  # type: ignore[misc]
             retry_policy = RetryPolicy(max_attempts=4)
@@ -216,3 +220,9 @@ def test_failure_hooks_after_retry_mixin_is_refused_because_they_would_miss_deci
 
         class Late(RetryMixin, FailureHooksMixin, Task):  # type: ignore[misc]
             pass
+
+
+@pytest.mark.parametrize("mixin", [DeadLetterMixin, TimeLimitMixin, FailureHooksMixin])
+def test_every_mixin_after_celery_task_is_refused(mixin: type) -> None:
+    with pytest.raises(ConfigurationError, match=f"Task comes before {mixin.__name__}"):
+        type("Shadowed", (Task, mixin), {})

@@ -16,6 +16,7 @@ from .classify import TRANSIENT_ERRORS
 from .deadletter import DeadLetterMixin
 from .exceptions import ConfigurationError, Permanent, RetryAfter
 from .hooks import FailureDetails, FailureHooksMixin
+from .observability import ObservabilityMixin
 from .policy import RetryPolicy
 from .retry import RetryMixin
 from .task import ResilientTask
@@ -27,6 +28,7 @@ __all__ = [
     "DeadLetterMixin",
     "FailureDetails",
     "FailureHooksMixin",
+    "ObservabilityMixin",
     "Permanent",
     "ResilientTask",
     "RetryAfter",

@@ -30,6 +30,7 @@ __all__ = [
     "Reason",
     "RetryIn",
     "RetryPolicy",
+    "backoff_enabled",
     "decide",
     "exception_chain",
     "set_backoff",
@@ -417,6 +418,17 @@ def set_backoff(enabled: bool) -> None:
         >>> set_backoff(True)
     """
     _backoff["enabled"] = enabled
+
+
+def backoff_enabled() -> bool:
+    """Whether policies wait between attempts in this process (see :func:`set_backoff`).
+
+    Example::
+
+        >>> backoff_enabled()
+        True
+    """
+    return _backoff["enabled"]
 
 
 def unretried_reason(exc: BaseException) -> Reason:

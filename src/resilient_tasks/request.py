@@ -194,6 +194,9 @@ class ResilientRequest(Request):  # type: ignore[misc]
         headers = {**without_x_death(context.headers), HEADER: history.encode()}
         if not self._republish(headers, countdown=delay, retries=int(context.retries or 0) + 1):
             return
+        _events.emit(
+            "task_retry_scheduled", request=self, attempt=attempt, delay=delay, exception=exc
+        )
         self.task.backend.mark_as_retry(self.id, exc, request=context)
         self.acknowledge()
 

@@ -8,6 +8,7 @@ from celery import Task
 
 from .deadletter import DeadLetterMixin
 from .hooks import FailureHooksMixin
+from .observability import ObservabilityMixin
 from .options import (
     CELERY_TASK_OPTIONS,
     check_bool,
@@ -24,10 +25,18 @@ LIBRARY_OPTIONS = frozenset(
 )
 
 
-class ResilientTask(FailureHooksMixin, RetryMixin, TimeLimitMixin, DeadLetterMixin, Task):  # type: ignore[misc]
+class ResilientTask(
+    ObservabilityMixin,
+    FailureHooksMixin,
+    RetryMixin,
+    TimeLimitMixin,
+    DeadLetterMixin,
+    Task,  # type: ignore[misc]
+):
     """A ``celery.Task`` that retries by policy and dead-letters what finally fails.
 
-    It combines :class:`~resilient_tasks.FailureHooksMixin` (``failure_handlers``,
+    It combines :class:`~resilient_tasks.ObservabilityMixin` (structlog context while it runs),
+    :class:`~resilient_tasks.FailureHooksMixin` (``failure_handlers``,
     ``on_give_up``, ``on_retry``), :class:`~resilient_tasks.RetryMixin` (``retry_policy``),
     :class:`~resilient_tasks.TimeLimitMixin` (time limits, ``max_redeliveries``) and
     :class:`~resilient_tasks.DeadLetterMixin` (``dead_letter``, ``dead_letter_queue``).

@@ -31,6 +31,8 @@ class Broker:
     kind: str
     url: str
     transport_options: dict[str, Any] = field(default_factory=dict)
+    #: A Kombu transport class path replacing the URL's (``broker_transport``).
+    transport: str | None = None
     prefix: str = field(default_factory=lambda: f"rt-{uuid.uuid4().hex[:10]}")
     #: Further queue and exchange names a test made the broker create (RabbitMQ).
     extra_cleanup: list[str] = field(default_factory=list)
@@ -40,7 +42,9 @@ class Broker:
         return f"{self.prefix}-{label}"
 
     def connection(self) -> Connection:
-        return Connection(self.url, transport_options=self.transport_options)
+        return Connection(
+            self.url, transport=self.transport, transport_options=self.transport_options
+        )
 
     def cleanup(self, queues: list[str]) -> None:
         """Delete what this test created on the broker."""
@@ -75,13 +79,14 @@ def make_broker(kind: str, tmp_path: Path) -> Broker:
         folder.mkdir()
         return Broker(
             kind,
-            "filesystem://",
+            "filesystem://localhost/",
             {
                 "data_folder_in": str(folder),
                 "data_folder_out": str(folder),
                 "control_folder": str(folder / "control"),
                 "polling_interval": 0.05,
             },
+            transport="support.atomic_filesystem:Transport",
         )
     url = RABBITMQ_URL if kind == "rabbitmq" else REDIS_URL
     problem = _reachable(url)

@@ -83,7 +83,6 @@ class Worker:
     def drain(self, queue: str) -> list[Any]:
         """Consume and return every message body now in ``queue`` (e.g. a dead-letter queue)."""
         bodies = []
-        self._wait_until_written(queue)
         with self.client.connection_for_read() as conn:
             bound = Queue(queue, durable=True).bind(conn.default_channel)
             try:
@@ -94,22 +93,6 @@ class Worker:
                 bodies.append(message.decode())
                 message.ack()
         return bodies
-
-    def _wait_until_written(self, queue: str) -> None:
-        """Kombu's filesystem transport creates a message file before writing it, and its reader
-        takes files without locking, so a reader can take a half-written message. Wait until
-        every file of ``queue`` is complete (non-empty and untouched for 50 ms)."""
-        folder = self.settings.get("broker_transport_options", {}).get("data_folder_in")
-        if not folder:
-            return
-        for _ in range(100):
-            files = [f for f in Path(folder).glob(f"*.{queue}.msg") if f.exists()]
-            try:
-                if all(f.stat().st_size and time.time() - f.stat().st_mtime > 0.05 for f in files):
-                    return
-            except FileNotFoundError:
-                pass
-            time.sleep(0.02)
 
     def dead_letters(self, count: int, queue: str | None = None, timeout: float = 30) -> list[Any]:
         """Wait until ``count`` envelopes have arrived in the dead-letter queue; return them."""
@@ -159,6 +142,7 @@ class WorkerRunner:
         return {
             "broker_url": self.broker.url,
             "broker_transport_options": self.broker.transport_options,
+            **({"broker_transport": self.broker.transport} if self.broker.transport else {}),
             "result_backend": f"file://{results}",
             "task_default_queue": queue,
             "worker_enable_remote_control": False,

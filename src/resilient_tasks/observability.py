@@ -1,0 +1,620 @@
+"""Where events are logged: one structlog event per occurrence of a task's life, and the task's
+identity bound in structlog's contextvars while it runs.
+
+Nothing happens until you ask for it: :func:`connect` wires Celery's signals and the library's
+own events (:mod:`resilient_tasks._events`) to structlog, and :func:`configure_logging` is the
+opt-in helper for workers that want every log line, Celery's own included, as JSON. The library
+never calls ``structlog.configure()`` otherwise.
+
+=========================  ======================================  =========
+event                      source                                  level
+=========================  ======================================  =========
+``task_started``           Celery ``task_prerun``                  info
+``task_succeeded``         Celery ``task_success``                 info
+``task_retry_scheduled``   the library (``RetryMixin.retry``)      warning
+``task_failed``            Celery ``task_failure``                 error
+``task_dead_lettered``     the library (``ResilientRequest``)      error
+``task_soft_time_limit``   the library (``TimeLimitMixin``)        warning
+``task_hard_time_limit``   the library (``ResilientRequest``)      error
+``task_worker_lost``       the library (``ResilientRequest``)      warning
+``task_revoked``           Celery ``task_revoked``                 warning
+``task_rejected``          Celery ``task_rejected``                warning
+``task_unknown``           Celery ``task_unknown``                 error
+=========================  ======================================  =========
+
+Every event carries ``task_id``, ``task_name``, ``attempt`` (``request.retries + 1``),
+``queue`` (the routing key it was delivered with), ``root_id``, ``parent_id``,
+``correlation_id`` and ``hostname``. Task arguments and return values are never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar, Token
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from billiard.einfo import ExceptionWithTraceback
+from celery import current_task, signals
+from celery.utils.log import get_multiprocessing_logger
+from celery.worker.request import Request
+
+from . import _events, _reason
+from .history import exception_type_name
+from .policy import unretried_reason
+from .request import redeliveries
+
+if TYPE_CHECKING:
+    from celery import Task as _TaskBase
+else:
+    _TaskBase = object
+
+__all__ = [
+    "CONTEXT_KEYS",
+    "CORRELATION_HEADER",
+    "EVENTS",
+    "LOGGER_NAME",
+    "ObservabilityMixin",
+    "configure_logging",
+    "connect",
+    "disconnect",
+    "is_connected",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Every event this module logs, and the level it is logged at.
+EVENTS: Mapping[str, str] = MappingProxyType(
+    {
+        "task_started": "info",
+        "task_succeeded": "info",
+        "task_retry_scheduled": "warning",
+        "task_failed": "error",
+        "task_dead_lettered": "error",
+        "task_soft_time_limit": "warning",
+        "task_hard_time_limit": "error",
+        "task_worker_lost": "warning",
+        "task_revoked": "warning",
+        "task_rejected": "warning",
+        "task_unknown": "error",
+    }
+)
+#: The keys bound in ``structlog.contextvars`` while a task runs.
+CONTEXT_KEYS = (
+    "task_id",
+    "task_name",
+    "attempt",
+    "queue",
+    "root_id",
+    "parent_id",
+    "correlation_id",
+)
+#: The message header that carries the correlation id from a publisher to the task it publishes.
+#: (Celery reserves ``correlation_id`` itself: a header of that name never reaches the task.)
+CORRELATION_HEADER = "resilient_correlation_id"
+#: The name of the structlog (and, with stdlib integration, ``logging``) logger of the events.
+LOGGER_NAME = "resilient_tasks.events"
+#: How many occurrences are remembered to drop a second report of the same one.
+DEDUPE_SIZE = 1024
+
+_log = structlog.get_logger(LOGGER_NAME)
+_UID = "resilient_tasks.observability."
+# Test helpers (resilient_tasks.testing) receive each event here before it is logged.
+_Sink = Callable[[str, str, Mapping[str, Any]], None]
+_sinks: list[_Sink] = []
+_state = {"connected": False}
+# The structlog bindings of the tasks running in this context, innermost last.
+_bindings: ContextVar[tuple[tuple[str | None, Mapping[str, Token[Any]]], ...]] = ContextVar(
+    "resilient_tasks_observability_bindings", default=()
+)
+
+
+# -- one event per occurrence ---------------------------------------------------------------------
+
+
+class _Occurrences:
+    """A bounded LRU of the occurrences already logged in this process."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._seen: OrderedDict[tuple[Any, ...], None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def first(self, key: tuple[Any, ...]) -> bool:
+        """Remember ``key``; True unless it was already remembered."""
+        with self._lock:
+            if key in self._seen:
+                self._seen.move_to_end(key)
+                return False
+            self._seen[key] = None
+            if len(self._seen) > self._size:
+                self._seen.popitem(last=False)
+            return True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._seen.clear()
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
+
+
+_occurrences = _Occurrences(DEDUPE_SIZE)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_occurrences.after_fork)
+
+
+def _record(event: str, fields: dict[str, Any], *, retries: Any = 0, redelivered: int = 0) -> None:
+    """Log ``event`` once per (event, task id, retries, redeliveries)."""
+    task_id = fields.get("task_id")
+    if task_id is not None and not _occurrences.first((event, task_id, retries, redelivered)):
+        return
+    level = EVENTS[event]
+    for sink in list(_sinks):
+        try:
+            sink(event, level, fields)
+        except Exception:
+            logger.exception("resilient_tasks: event sink %r raised on %s", sink, event)
+    getattr(_log, level)(event, **fields)
+
+
+# -- what a request says about its task ------------------------------------------------------------
+
+
+class _Described:
+    """The identity of one task run, read from a worker ``Request``, a task ``Context`` or a
+    message's headers."""
+
+    def __init__(self, source: Any, task: Any = None, task_id: str | None = None) -> None:
+        if isinstance(source, Request):
+            data: Mapping[str, Any] = source.request_dict
+            headers: Mapping[str, Any] = data
+        elif isinstance(source, Mapping):
+            data = headers = source
+        else:
+            data = _Attributes(source)
+            headers = getattr(source, "headers", None) or {}
+        delivery = data.get("delivery_info") or {}
+        name = data.get("task")
+        self.task_id: str | None = data.get("id") or task_id
+        self.task_name: str | None = name if isinstance(name, str) else getattr(task, "name", None)
+        self.retries: int = _whole(data.get("retries"))
+        self.queue: str | None = (
+            delivery.get("routing_key") if isinstance(delivery, Mapping) else None
+        )
+        self.root_id: str | None = data.get("root_id")
+        self.parent_id: str | None = data.get("parent_id")
+        self.hostname: str | None = data.get("hostname")
+        self.correlation_id: str | None = headers.get(CORRELATION_HEADER) or self.root_id
+        self.redeliveries = redeliveries(headers) if isinstance(headers, Mapping) else 0
+
+    def context(self) -> dict[str, Any]:
+        """The keys bound in structlog's contextvars while the task runs."""
+        return {
+            "task_id": self.task_id,
+            "task_name": self.task_name,
+            "attempt": self.retries + 1,
+            "queue": self.queue,
+            "root_id": self.root_id,
+            "parent_id": self.parent_id,
+            "correlation_id": self.correlation_id,
+        }
+
+    def fields(self, **extra: Any) -> dict[str, Any]:
+        """The fields every event carries, then ``extra``."""
+        return {**self.context(), "hostname": self.hostname, **extra}
+
+    def record(self, event: str, **extra: Any) -> None:
+        _record(
+            event,
+            self.fields(**extra),
+            retries=self.retries,
+            redelivered=self.redeliveries,
+        )
+
+
+class _Attributes(Mapping[str, Any]):
+    """``getattr`` as a read-only mapping (for Celery's ``Context``)."""
+
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return getattr(self._obj, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def _whole(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _exception(exc: BaseException | None) -> dict[str, Any]:
+    """``exception`` (type and message) and ``exception_type`` (qualified) of ``exc``."""
+    if exc is None:
+        return {"exception": None, "exception_type": None}
+    if isinstance(exc, ExceptionWithTraceback):
+        exc = exc.exc
+    try:
+        text = str(exc)
+    except Exception:
+        text = ""
+    kind = type(exc).__name__
+    if text == repr(exc):  # billiard's time-limit exceptions: "TimeLimitExceeded(1,)"
+        text = ""
+    return {
+        "exception": f"{kind}: {text[:1000]}" if text else kind,
+        "exception_type": exception_type_name(exc),
+    }
+
+
+# -- contextvars ---------------------------------------------------------------------------------
+
+
+def _bind(described: _Described) -> None:
+    tokens = structlog.contextvars.bind_contextvars(**described.context())
+    _bindings.set((*_bindings.get(), (described.task_id, tokens)))
+
+
+def _unbind(task_id: str | None) -> None:
+    """Restore what the innermost binding of ``task_id`` bound to what it was before."""
+    stack = _bindings.get()
+    for index in range(len(stack) - 1, -1, -1):
+        if stack[index][0] == task_id:
+            _bindings.set(stack[:index] + stack[index + 1 :])
+            try:
+                structlog.contextvars.reset_contextvars(**stack[index][1])
+            except (ValueError, RuntimeError):  # bound in another context: unbind by name
+                structlog.contextvars.unbind_contextvars(*stack[index][1])
+            return
+
+
+@contextmanager
+def _bound(request: Any, task: Any) -> Iterator[None]:
+    described = _Described(request, task)
+    _bind(described)
+    try:
+        yield
+    finally:
+        _unbind(described.task_id)
+
+
+class ObservabilityMixin(_TaskBase):  # type: ignore[misc]
+    """Bind the task's identity in ``structlog.contextvars`` around its call, with or without
+    :func:`connect`.
+
+    While the task body runs, ``task_id``, ``task_name``, ``attempt``, ``queue``, ``root_id``,
+    ``parent_id`` and ``correlation_id`` are bound, so every structlog line the task writes
+    carries them (with ``structlog.contextvars.merge_contextvars`` among the processors); when
+    the call returns or raises, exactly those keys are restored to what they were before.
+    Keys the task binds itself are its own to unbind (``structlog.contextvars.bound_contextvars``
+    does it). A task called directly as a function binds nothing. Events are logged by
+    :func:`connect`, not by this mixin.
+
+    List it first among the bases so its binding also covers the other mixins' work inside the
+    call (a retry being scheduled, a soft time limit's cleanup).
+
+    Example::
+
+        import structlog
+        from celery import Celery, Task
+        from resilient_tasks.observability import ObservabilityMixin
+
+        app = Celery("proj")
+
+        class Observed(ObservabilityMixin, Task):
+            pass
+
+        @app.task(base=Observed)
+        def export(report_id):
+            structlog.get_logger().info("exporting")  # carries task_id, attempt, ...
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if request.called_directly:
+            return super().__call__(*args, **kwargs)
+        with _bound(request, self):
+            return super().__call__(*args, **kwargs)
+
+
+# -- Celery's signals -----------------------------------------------------------------------------
+
+# The worker's requests by task id (weakly: gone with the request), for a task_failure Celery
+# sends without the request at hand (the hard time limit of a plain task on Celery 5.7).
+_received: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
+def _on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
+    task_id = getattr(request, "id", None)
+    if task_id is not None:
+        with suppress(TypeError):  # not weakly referenceable
+            _received[task_id] = request
+
+
+def _request_of(task: Any, task_id: str | None) -> Any:
+    request = getattr(task, "request", None)
+    if request is not None and getattr(request, "id", None) == task_id:
+        return request
+    return _received.get(task_id) if task_id is not None else None
+
+
+def _on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    task = task if task is not None else sender
+    described = _Described(_request_of(task, task_id), task, task_id)
+    _bind(described)
+    described.record("task_started")
+
+
+def _on_postrun(sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    _unbind(task_id)
+
+
+def _on_success(sender: Any = None, runtime: float | None = None, **_: Any) -> None:
+    request = getattr(sender, "request", None)
+    extra = {} if runtime is None else {"runtime": round(float(runtime), 6)}
+    _Described(request, sender).record("task_succeeded", **extra)
+
+
+def _on_failure(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    **_: Any,
+) -> None:
+    described = _Described(_request_of(sender, task_id), sender, task_id)
+    reason = None
+    if exception is not None:
+        marked = _reason.reason_of(exception)
+        reason = marked if marked != "exception" else unretried_reason(exception)
+    described.record("task_failed", reason=reason, **_exception(exception))
+
+
+def _on_revoked(
+    sender: Any = None,
+    request: Any = None,
+    terminated: bool | None = None,
+    signum: Any = None,
+    expired: bool | None = None,
+    **_: Any,
+) -> None:
+    _Described(request, sender).record(
+        "task_revoked",
+        terminated=bool(terminated),
+        expired=bool(expired),
+        signum=None if signum is None else str(signum),
+    )
+
+
+def _message_fields(sender: Any, message: Any) -> _Described:
+    headers = getattr(message, "headers", None) or {}
+    delivery = getattr(message, "delivery_info", None) or {}
+    data = {**headers, "delivery_info": delivery, "hostname": getattr(sender, "hostname", None)}
+    return _Described(data)
+
+
+def _on_rejected(
+    sender: Any = None, message: Any = None, exc: BaseException | None = None, **_: Any
+) -> None:
+    _message_fields(sender, message).record("task_rejected", **_exception(exc))
+
+
+def _on_unknown(
+    sender: Any = None,
+    message: Any = None,
+    exc: BaseException | None = None,
+    name: str | None = None,
+    id: str | None = None,
+    **_: Any,
+) -> None:
+    described = _message_fields(sender, message)
+    described.task_id = described.task_id or id
+    described.task_name = described.task_name or name
+    described.record("task_unknown", **_exception(exc))
+
+
+def _on_before_publish(sender: Any = None, headers: Any = None, **_: Any) -> None:
+    """Put the correlation id in the headers of a message being published."""
+    if not isinstance(headers, MutableMapping) or headers.get(CORRELATION_HEADER):
+        return
+    correlation = headers.get("correlation_id") or _current_correlation_id()
+    if correlation:
+        headers[CORRELATION_HEADER] = correlation
+
+
+def _current_correlation_id() -> str | None:
+    bound = structlog.contextvars.get_contextvars()
+    if bound.get("correlation_id"):
+        return str(bound["correlation_id"])
+    request = getattr(current_task._get_current_object(), "request", None)
+    if request is None or getattr(request, "called_directly", True):
+        return None
+    custom = getattr(request, "headers", None) or {}
+    found = custom.get(CORRELATION_HEADER) or getattr(request, "root_id", None)
+    return str(found) if found else None
+
+
+# -- the library's own events ---------------------------------------------------------------------
+
+
+def _on_library_event(event: str, fields: Mapping[str, Any]) -> None:
+    request = fields.get("request")
+    task = fields.get("task")
+    described = _Described(request, task)
+    exception = _exception(fields.get("exception"))
+    if event == "task_retry_scheduled":
+        described.record(event, delay=fields.get("delay"), **exception)
+    elif event == "task_soft_time_limit":
+        described.record(event, **exception)
+    elif event == "task_dead_lettered":
+        described.record(
+            event,
+            reason=fields.get("reason"),
+            dead_letter_queue=fields.get("queue"),
+            **exception,
+        )
+    elif event == "task_hard_time_limit":
+        described.record(event, timeout=fields.get("timeout"), **exception)
+    elif event == "task_worker_lost":
+        described.record(
+            event,
+            redeliveries=fields.get("redeliveries"),
+            max_redeliveries=fields.get("max_redeliveries"),
+            **exception,
+        )
+
+
+_SIGNALS: tuple[tuple[Any, Callable[..., None]], ...] = (
+    (signals.task_prerun, _on_prerun),
+    (signals.task_postrun, _on_postrun),
+    (signals.task_success, _on_success),
+    (signals.task_failure, _on_failure),
+    (signals.task_revoked, _on_revoked),
+    (signals.task_rejected, _on_rejected),
+    (signals.task_unknown, _on_unknown),
+    (signals.task_received, _on_received),
+    (signals.before_task_publish, _on_before_publish),
+)
+
+
+def connect() -> None:
+    """Log an event for every occurrence in a task's life, and bind the task's identity in
+    ``structlog.contextvars`` while it runs. Idempotent: a second call changes nothing.
+
+    Call it where the worker imports your Celery app (and in processes that publish, for the
+    correlation id). It connects receivers to Celery's ``task_prerun``, ``task_postrun``,
+    ``task_success``, ``task_failure``, ``task_revoked``, ``task_rejected``, ``task_unknown``,
+    ``task_received`` and ``before_task_publish`` signals and a listener to the library's own
+    events; it does not configure structlog or ``logging``.
+
+    Example::
+
+        >>> from resilient_tasks import observability
+        >>> observability.connect()
+        >>> observability.connect()  # no second receiver
+        >>> observability.is_connected()
+        True
+        >>> observability.disconnect()
+    """
+    for signal, receiver in _SIGNALS:
+        signal.connect(receiver, weak=False, dispatch_uid=_UID + receiver.__name__)
+    if _on_library_event not in _events.listeners:
+        _events.listeners.append(_on_library_event)
+    _state["connected"] = True
+
+
+def disconnect() -> None:
+    """Undo :func:`connect`: no more events, no more bindings, no correlation header.
+
+    Example::
+
+        >>> from resilient_tasks import observability
+        >>> observability.connect(); observability.disconnect()
+        >>> observability.is_connected()
+        False
+    """
+    for signal, receiver in _SIGNALS:
+        signal.disconnect(receiver, dispatch_uid=_UID + receiver.__name__)
+    while _on_library_event in _events.listeners:
+        _events.listeners.remove(_on_library_event)
+    _occurrences.clear()
+    _state["connected"] = False
+
+
+def is_connected() -> bool:
+    """Whether :func:`connect` is in effect in this process.
+
+    Example::
+
+        >>> from resilient_tasks.observability import is_connected
+        >>> is_connected()
+        False
+    """
+    return _state["connected"]
+
+
+# -- opt-in logging setup for workers -----------------------------------------------------------
+
+_formatter: dict[str, logging.Formatter] = {}
+
+
+def configure_logging(*, json: bool = True) -> None:
+    """Opt in to structured logs in a worker: structlog through ``logging``, and every line
+    Celery writes (its own included) rendered by structlog, as JSON or, with ``json=False``,
+    as plain ``key=value`` text.
+
+    It calls ``structlog.configure()`` (stdlib integration, contextvars merged, ISO UTC
+    timestamps) and connects to Celery's ``after_setup_logger`` and ``after_setup_task_logger``
+    signals, so that when the worker sets up its log handlers (the ``-l`` level, ``-f`` file,
+    ``worker_hijack_root_logger``), each gets structlog's ``ProcessorFormatter``. Call it at the
+    import of the module the worker loads (``celery -A proj worker``), before the worker sets
+    up logging; Celery's own handling is otherwise unchanged. Idempotent.
+
+    Example::
+
+        # proj/celery.py
+        from celery import Celery
+        from resilient_tasks import observability
+
+        app = Celery("proj")
+        observability.configure_logging(json=True)
+        observability.connect()
+    """
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    tail: list[structlog.typing.Processor] = [
+        structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+    ]
+    if json:
+        tail.append(structlog.processors.format_exc_info)
+    _formatter["current"] = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared, processors=[*tail, renderer]
+    )
+    for signal in (signals.after_setup_logger, signals.after_setup_task_logger):
+        signal.connect(_use_structlog_formatter, weak=False, dispatch_uid=_UID + signal.name)
+
+
+def _use_structlog_formatter(sender: Any = None, logger: Any = None, **_: Any) -> None:
+    formatter = _formatter.get("current")
+    if formatter is None:
+        return
+    # The pool's own logger (billiard's, for "Process ... exited") is set up beside the root one.
+    for configured in (logger, get_multiprocessing_logger()):
+        for handler in getattr(configured, "handlers", None) or ():
+            handler.setFormatter(formatter)

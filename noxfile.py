@@ -49,3 +49,54 @@ def demo(session: nox.Session) -> None:
     """The quickstart on the embedded broker (or on $CELERY_BROKER_URL)."""
     session.install(".")
     session.run("python", "examples/quickstart.py")
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """The documentation site into site/, warnings as errors: ``nox -s docs``.
+
+    Regenerates the backoff plot (docs/img/backoff.png) first; ``nox -s docs -- serve``
+    previews the site instead of building it.
+    """
+    session.install("-e", ".[docs]")
+    session.run("python", "docs/scripts/plot_backoff.py")
+    if session.posargs == ["serve"]:
+        session.run("mkdocs", "serve", "--strict")
+    else:
+        session.run("mkdocs", "build", "--strict", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks against plain Celery on the local RabbitMQ and Redis: ``nox -s bench``.
+
+    Writes docs/benchmarks.md (figures section), docs/benchmarks.json, docs/img/benchmarks.png;
+    ``nox -s bench -- --quick`` is a smoke run, ``-- --help`` lists the options. Take figures
+    on a quiet machine: nothing else should use the CPUs or the brokers meanwhile.
+    """
+    session.install("-e", ".[test,bench]")
+    session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def chaos(session: nox.Session) -> None:
+    """The reliability suite at full size, broker restarts included: ``nox -s chaos``.
+
+    It restarts the local RabbitMQ (``rabbitmqctl stop_app`` / ``start_app``) and Redis, so
+    run it where nothing else uses them. Each scenario's outcome is appended to
+    benchmarks/results/chaos.jsonl, for docs/reliability.md.
+    """
+    session.install("-e", ".[test]")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "tests/chaos",
+        "-v",
+        *session.posargs,
+        env={
+            "RT_CHAOS_RESTART": "1",
+            "RT_CHAOS_TASKS": "2000",
+            "RT_CHAOS_REPORT": "benchmarks/results/chaos.jsonl",
+        },
+    )

@@ -38,7 +38,8 @@ from resilient_tasks.dlq import DeadLetters
 from resilient_tasks.history import History
 
 # The worker subprocess imports this module too; the parent passes the folder and queue on.
-FOLDER = Path(os.environ.setdefault("QUICKSTART_DIR", tempfile.mkdtemp(prefix="rt-quickstart-")))
+FOLDER = Path(os.environ.get("QUICKSTART_DIR") or tempfile.mkdtemp(prefix="rt-quickstart-"))
+os.environ["QUICKSTART_DIR"] = str(FOLDER)
 QUEUE = os.environ.setdefault("QUICKSTART_QUEUE", f"quickstart-{uuid.uuid4().hex[:8]}")
 BROKER = os.environ.get("CELERY_BROKER_URL", "filesystem://localhost/")
 BACKEND = os.environ.get("CELERY_RESULT_BACKEND", f"file://{FOLDER / 'results'}")

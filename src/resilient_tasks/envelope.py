@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -65,6 +66,9 @@ MAX_TRACEBACK_CHARS = 16_000
 #: Reprs of arguments and long string arguments are cut to this many characters.
 MAX_REPR_CHARS = 2_000
 _MAX_DEPTH = 20
+#: Celery's native delayed delivery (quorum queues, Celery 5.5+) routes through
+#: ``celery_delayed_*`` exchanges with 28 binary digits of the delay before the routing key.
+DELAY_PREFIX = re.compile(r"^(?:[01]\.){28}")
 
 
 @dataclass(frozen=True)
@@ -97,8 +101,17 @@ class FailedMessage:
 
     @property
     def queue(self) -> str:
-        """The queue the message came from: its routing key, as Celery's default routing has it."""
-        return self.routing_key
+        """The queue the message came from: its routing key, as Celery's default routing has
+        it, without the delay prefix Celery's native delayed delivery (quorum queues, Celery
+        5.5+) puts before it.
+
+        Example::
+
+            >>> FailedMessage("i", "t", (), {}, {}, {}, b"", None, None, "celery_delayed_0",
+            ...               "0." * 27 + "1.billing").queue
+            'billing'
+        """
+        return DELAY_PREFIX.sub("", self.routing_key, count=1)
 
 
 def redact_patterns(app: Any) -> tuple[str, ...]:

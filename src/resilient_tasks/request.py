@@ -25,7 +25,7 @@ from celery.worker.state import task_ready
 
 from . import _events, _reason
 from .deadletter import confirmed_producer, publish_envelope
-from .envelope import FailedMessage, build_envelope, redact_patterns
+from .envelope import DELAY_PREFIX, FailedMessage, build_envelope, redact_patterns
 from .history import HEADER, Attempt, History, exception_type_name
 from .hooks import FailureHooksMixin, details_from_worker, give_up
 from .policy import AttemptState, Reason, RetryIn, decide
@@ -324,8 +324,10 @@ class ResilientRequest(Request):  # type: ignore[misc]
             body=message.body,
             content_type=message.content_type,
             content_encoding=message.content_encoding,
-            exchange=delivery.get("exchange") or "",
-            routing_key=delivery.get("routing_key") or "",
+            # A message delayed by Celery's native delayed delivery arrives through a
+            # celery_delayed_* exchange: replaying it there would delay it again.
+            exchange=_own_exchange(delivery.get("exchange") or ""),
+            routing_key=_own_routing_key(delivery),
             priority=properties.get("priority", delivery.get("priority")),
         )
         final = self._final_attempt(exc)
@@ -361,6 +363,17 @@ def redeliveries(headers: Mapping[str, Any] | None) -> int:
     return max(
         (int(c) for c in counts if isinstance(c, int) and not isinstance(c, bool)), default=0
     )
+
+
+def _own_exchange(exchange: str) -> str:
+    return "" if exchange.startswith("celery_delayed") else exchange
+
+
+def _own_routing_key(delivery: Mapping[str, Any]) -> str:
+    routing_key = str(delivery.get("routing_key") or "")
+    if str(delivery.get("exchange") or "").startswith("celery_delayed"):
+        return DELAY_PREFIX.sub("", routing_key, count=1)
+    return routing_key
 
 
 def _handles_losses(task: Any) -> bool:

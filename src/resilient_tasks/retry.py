@@ -191,6 +191,7 @@ class RetryMixin(_TaskBase):  # type: ignore[misc]
         """Celery's ``Task.retry``, recording this attempt in the message's history header."""
         request = self.request
         if not request.called_directly:
+            countdown = _whole_seconds_if_delayed_natively(self.app, countdown)
             now = _utcnow()
             failure = exc if exc is not None else sys.exc_info()[1]
             attempt = Attempt.failed(
@@ -275,6 +276,22 @@ def _celery_max_retries(cls: type) -> Any:
 def without_x_death(headers: dict[str, Any] | None) -> dict[str, Any]:
     """``headers`` without RabbitMQ's dead-lettering headers, for a message published anew."""
     return {k: v for k, v in (headers or {}).items() if k not in _X_DEATH_HEADERS}
+
+
+def _whole_seconds_if_delayed_natively(app: Any, countdown: float | None) -> float | None:
+    """Celery >= 5.5 delays messages for quorum queues through RabbitMQ (native delayed
+    delivery) in whole seconds and refuses a delay between 0 and 1 s, which would reject the
+    retry: round such a delay up to 1 s there."""
+    if countdown is None or not 0 < countdown < 1:
+        return countdown
+    try:
+        from celery.utils.quorum_queues import detect_quorum_queues
+    except ImportError:  # Celery < 5.5: no native delayed delivery
+        return countdown
+    connection = app.producer_pool.connections.connection
+    if detect_quorum_queues(app, connection.transport.driver_type)[0]:
+        return 1.0
+    return countdown
 
 
 def _delay_of(

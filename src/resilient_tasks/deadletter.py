@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from amqp.exceptions import PreconditionFailed
 from celery import Task
 from kombu.entity import Queue
 from kombu.messaging import Producer
@@ -144,6 +145,12 @@ class DeadLetterMixin(_TaskBase):  # type: ignore[misc]
                 f"unknown template field {{{sorted(unknown)[0]}}}; the fields are "
                 + ", ".join(f"{{{f}}}" for f in sorted(DEAD_LETTER_TEMPLATE_FIELDS)),
             )
+        try:  # a format spec or conversion that only fails on a real name, e.g. {queue:d}
+            dead_letter_queue_name(template, queue="billing", task="billing.sync")
+        except (ValueError, TypeError, IndexError, KeyError) as exc:
+            raise invalid(
+                cls, "dead_letter_queue", template, f"not a valid template: {exc}"
+            ) from None
 
     def dead_letter_queue_for(self, queue: str) -> str:
         """The dead-letter queue for a message of this task that came from ``queue``."""
@@ -194,18 +201,38 @@ def publish_envelope(
     declared = app.amqp.queues.get(queue) or dead_letter_queue_for(
         queue, app.amqp.queues.get(source) if source else None
     )
-    with confirmed_producer(app) as producer:
-        producer.publish(  # type: ignore[no-untyped-call]
-            dict(envelope),
-            exchange="",
-            routing_key=queue,
-            serializer="json",
-            delivery_mode=2,
-            declare=[declared],
-            headers={
-                HEADER_REASON: envelope.get("reason"),
-                HEADER_TASK: envelope.get("task", {}).get("name"),
-            },
-            retry=True,
-            retry_policy=dict(PUBLISH_RETRY_POLICY),
+    try:
+        _publish(app, queue, envelope, declare=[declared])
+    except PreconditionFailed:
+        # The queue exists with other arguments (declared by hand, a policy, another version
+        # of this app): it is there, so publish to it as it is rather than fail every time.
+        logger.warning(
+            "resilient_tasks: dead-letter queue %r exists with other arguments than %r; "
+            "publishing to it as it is",
+            queue,
+            getattr(declared, "queue_arguments", None),
         )
+        _publish(app, queue, envelope, declare=[])
+
+
+def _publish(app: Celery, queue: str, envelope: Mapping[str, Any], declare: list[Any]) -> None:
+    with confirmed_producer(app) as producer:
+        try:
+            producer.publish(  # type: ignore[no-untyped-call]
+                dict(envelope),
+                exchange="",
+                routing_key=queue,
+                serializer="json",
+                delivery_mode=2,
+                declare=declare,
+                headers={
+                    HEADER_REASON: envelope.get("reason"),
+                    HEADER_TASK: envelope.get("task", {}).get("name"),
+                },
+                retry=True,
+                retry_policy=dict(PUBLISH_RETRY_POLICY),
+            )
+        except PreconditionFailed:
+            # The broker closed this channel: reconnect before the pool hands it out again.
+            producer.connection.close()
+            raise

@@ -11,7 +11,7 @@ and bounded in size:
   the number left out in between is counted in ``dropped``;
 * exception messages are cut to :data:`MAX_MESSAGE_CHARS` characters, exception type names to
   :data:`MAX_TYPE_CHARS` and host names to :data:`MAX_HOSTNAME_CHARS`;
-* the encoded header is at most :data:`MAX_HEADER_BYTES` bytes of UTF-8: while it is larger,
+* the encoded header (ASCII JSON) is at most :data:`MAX_HEADER_BYTES` bytes: while it is larger,
   the oldest attempt after the first is dropped too (the first and the latest always stay).
 
 So the header stays under 12 KiB however often a task is retried and whatever its exceptions
@@ -189,8 +189,7 @@ class History:
             dropped=self.dropped,
         )
         while len(history.attempts) > 2 and (
-            len(history.attempts) > MAX_KEPT_ATTEMPTS
-            or len(history.encode().encode("utf-8")) > MAX_HEADER_BYTES
+            len(history.attempts) > MAX_KEPT_ATTEMPTS or len(history.encode()) > MAX_HEADER_BYTES
         ):
             history = history._without_second()
         return history
@@ -217,7 +216,8 @@ class History:
             "dropped": self.dropped,
             "attempts": [a.as_dict() for a in self.attempts],
         }
-        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        # ASCII: safe in any header encoding, even for text with lone surrogates.
+        return json.dumps(payload, separators=(",", ":"))
 
     @classmethod
     def decode(cls, value: object) -> History:

@@ -25,7 +25,15 @@ from celery.worker.state import task_ready
 
 from . import _events, _reason
 from .deadletter import confirmed_producer, publish_envelope
-from .envelope import DELAY_PREFIX, FailedMessage, build_envelope, redact_patterns
+from .envelope import (
+    DELAY_PREFIX,
+    SCHEMA,
+    FailedMessage,
+    body_field,
+    build_envelope,
+    jsonable,
+    redact_patterns,
+)
 from .history import HEADER, Attempt, History, exception_type_name
 from .hooks import FailureHooksMixin, details_from_worker, give_up
 from .policy import AttemptState, Reason, RetryIn, decide
@@ -102,7 +110,12 @@ class ResilientRequest(Request):  # type: ignore[misc]
     def _dead_letter(self, exc: BaseException, exc_info: ExceptionInfo, reason: Reason) -> bool:
         """Publish the envelope; on failure requeue (acks_late) and return False."""
         task = self.task
-        envelope = self._envelope(exc, exc_info, reason)
+        try:
+            envelope = self._envelope(exc, exc_info, reason)
+        except Exception:  # what the message carries must never stop its dead-lettering
+            logger.exception("resilient_tasks: building the envelope of %s[%s] failed; "
+                             "dead-lettering a minimal one", self.name, self.id)  # fmt: skip
+            envelope = self._minimal_envelope(exc, reason)
         source = envelope["task"]["queue"]
         queue = task.dead_letter_queue_for(source)
         try:
@@ -306,6 +319,32 @@ class ResilientRequest(Request):  # type: ignore[misc]
             started=self._started(),
             now=datetime.now(timezone.utc),
         )
+
+    def _minimal_envelope(self, exc: BaseException, reason: Reason) -> dict[str, Any]:
+        """An envelope from the raw message alone, when the full one cannot be built."""
+        message = self.message
+        delivery = message.delivery_info or {}
+        return {
+            "schema": SCHEMA,
+            "reason": reason,
+            "task": {
+                "id": self.id,
+                "name": self.name,
+                "queue": _own_routing_key(delivery),
+                "exchange": _own_exchange(delivery.get("exchange") or ""),
+                "routing_key": _own_routing_key(delivery),
+            },
+            "exception": {"type": _type_name(exc), "message": "", "traceback": ""},
+            "attempts": [],
+            "dead_lettered_at": datetime.now(timezone.utc).isoformat(),
+            "original": {
+                "headers": jsonable(dict(message.headers or {}), limit=None),
+                "properties": {},
+                **body_field(message.body, message.content_encoding),
+                "content_type": message.content_type,
+                "content_encoding": message.content_encoding,
+            },
+        }
 
     def _envelope(
         self, exc: BaseException, exc_info: ExceptionInfo, reason: Reason

@@ -83,9 +83,12 @@ def chaos(session: nox.Session) -> None:
     """The reliability suite at full size, broker restarts included: ``nox -s chaos``.
 
     It restarts the local RabbitMQ (``rabbitmqctl stop_app`` / ``start_app``) and Redis, so
-    run it where nothing else uses them. Each scenario's outcome is appended to
+    run it where nothing else uses them (``RT_CHAOS_RESTART=0 nox -s chaos`` leaves them out;
+    ``RT_CHAOS_TASKS`` sets the workload size). Each scenario's outcome is appended to
     benchmarks/results/chaos.jsonl, for docs/reliability.md.
     """
+    import os
+
     session.install("-e", ".[test]")
     session.run(
         "python",
@@ -95,8 +98,8 @@ def chaos(session: nox.Session) -> None:
         "-v",
         *session.posargs,
         env={
-            "RT_CHAOS_RESTART": "1",
-            "RT_CHAOS_TASKS": "2000",
+            "RT_CHAOS_RESTART": os.environ.get("RT_CHAOS_RESTART", "1"),
+            "RT_CHAOS_TASKS": os.environ.get("RT_CHAOS_TASKS", "2000"),
             "RT_CHAOS_REPORT": "benchmarks/results/chaos.jsonl",
         },
     )

@@ -7,6 +7,7 @@ the task mixin only wires it into Celery (see :mod:`resilient_tasks.retry`).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -119,6 +120,7 @@ def _normalise_matchers(option: str, value: object) -> tuple[Matcher, ...]:
                 )
             result.append(item)
         elif callable(item):
+            _check_takes_an_exception(option, item)
             result.append(item)
         else:
             raise ConfigurationError(
@@ -126,6 +128,19 @@ def _normalise_matchers(option: str, value: object) -> tuple[Matcher, ...]:
                 f"predicate; write the class itself (ConnectionError), not its name or an instance"
             )
     return tuple(result)
+
+
+def _check_takes_an_exception(option: str, predicate: Callable[..., object]) -> None:
+    """A predicate is called with the exception: refuse one that cannot take it, now."""
+    try:
+        inspect.signature(predicate).bind(BaseException())
+    except TypeError:
+        raise ConfigurationError(
+            f"RetryPolicy: {option} holds {predicate!r}, a callable that cannot be called with "
+            "the exception; a predicate takes one argument: lambda exc: ..."
+        ) from None
+    except ValueError:  # no signature to inspect (some builtins): trust it
+        pass
 
 
 def _normalise_seconds(option: str, value: object, *, allow_none: bool) -> float | None:

@@ -1,0 +1,200 @@
+"""``python -m benchmarks`` (what ``nox -s bench`` runs): every benchmark, then the report.
+
+Examples::
+
+    nox -s bench                                  # the figures in docs/benchmarks.md
+    nox -s bench -- --quick --note "smoke run"    # small sizes, to see that everything runs
+    nox -s bench -- --brokers rabbitmq --rounds 7 --loglevel INFO
+
+Writes ``benchmarks/results/latest.json`` (every sample; git-ignored), ``docs/benchmarks.json``
+(the summary), ``docs/img/benchmarks.png`` and the figures section of ``docs/benchmarks.md``
+(``--no-docs`` leaves the docs alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from . import ROOT, inprocess, profiling, report, workload
+
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS = ROOT / "docs"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--brokers", default="rabbitmq,redis", help="comma-separated")
+    parser.add_argument("--tasks", type=int, default=5000, help="tasks per throughput run")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--storm-tasks", type=int, default=10_000, help="0 skips the storm")
+    parser.add_argument(
+        "--storm-hold-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the worker to pull every retry in before measuring",
+    )
+    parser.add_argument("--inprocess-iterations", type=int, default=20_000)
+    parser.add_argument("--inprocess-repeats", type=int, default=15)
+    parser.add_argument("--loglevel", default="WARNING", help="the workers' --loglevel")
+    parser.add_argument("--no-replay", action="store_true")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--py-spy-tasks", type=int, default=5000, help="0 skips py-spy")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--note", default="", help="shown above the figures, e.g. 'noisy'")
+    parser.add_argument("--no-docs", action="store_true", help="write the JSON only")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tasks, args.rounds, args.storm_tasks, args.storm_hold_timeout = 500, 2, 1000, 30.0
+        args.inprocess_iterations, args.inprocess_repeats, args.py_spy_tasks = 5000, 5, 1000
+    return args
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": workload.cpu_count(),
+        "cpu_model": model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "celery": version("celery"),
+        "kombu": version("kombu"),
+        "resilient_tasks": version("resilient-tasks"),
+    }
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def throughput(sites: dict[str, workload.Site], args: argparse.Namespace) -> dict[str, Any]:
+    """Rounds of the success variants (order rotated every round), Celery's own failure path and
+    the dead-lettering one (then replay), broker by broker."""
+    events = _events_available()
+    variants = [("plain", "bench.plain", False), ("resilient", "bench.resilient", events)]
+    if events:
+        variants.append(("resilient_no_events", "bench.resilient", False))
+    results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in sites}
+    for round_ in range(args.rounds):
+        order = variants[round_ % len(variants) :] + variants[: round_ % len(variants)]
+        for kind, site in sites.items():
+            site.loglevel = args.loglevel
+            entry: dict[str, Any] = {"order": [label for label, _, _ in order]}
+            for label, task, with_events in order:
+                entry[label] = workload.success(site, task, args.tasks, events=with_events)
+                say(f"{kind} round {round_ + 1}: {label} {entry[label]['per_second']:,.0f}/s")
+            entry["plain_failing"] = workload.success(site, "bench.plain_failing", args.tasks)
+            failing, replayed = workload.failure(
+                site, args.tasks, replay=not args.no_replay, events=events
+            )
+            entry["failing"] = failing
+            if replayed is not None:
+                entry["replay"] = replayed
+            say(
+                f"{kind} round {round_ + 1}: ratio "
+                f"{entry['resilient']['per_second'] / entry['plain']['per_second']:.3f}, "
+                f"Celery failures {entry['plain_failing']['per_second']:,.0f}/s, dead-lettered "
+                f"{failing['per_second']:,.0f}/s, replay "
+                f"{(replayed or {}).get('per_second', 0):,.0f}/s"
+            )
+            results[kind].append(entry)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    command = "nox -s bench" + (" -- " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
+    raw: dict[str, Any] = {
+        "generated_at": datetime.now(timezone.utc).isoformat(),
+        "command": command,
+        "note": args.note,
+        "machine": machine(),
+        "config": {
+            "tasks": args.tasks,
+            "rounds": args.rounds,
+            "concurrency": workload.CONCURRENCY,
+            "prefetch": workload.PREFETCH,
+            "loglevel": args.loglevel,
+            "events": _events_available(),
+            "storm_tasks": args.storm_tasks,
+        },
+        "profile": {},
+    }
+    say(f"in-process: {args.inprocess_iterations} calls x {args.inprocess_repeats} repeats")
+    raw["inprocess"] = inprocess.measure(args.inprocess_iterations, args.inprocess_repeats)
+    say(f"in-process: library hooks {raw['inprocess']['library_overhead_us']:.1f} us per task")
+    if not args.no_profile:
+        raw["profile"]["attribution"] = profiling.attribute_inprocess()
+        raw["profile"]["pyinstrument"] = profiling.pyinstrument_inprocess(RESULTS)
+    sites, raw["skipped"] = workload.available([b for b in args.brokers.split(",") if b])
+    try:
+        raw["throughput"] = throughput(sites, args)
+        raw["storm"] = {}
+        for kind, site in sites.items():
+            if args.storm_tasks:
+                say(f"{kind}: retry storm of {args.storm_tasks} tasks")
+                raw["storm"][kind] = _guarded(
+                    workload.retry_storm, site, args.storm_tasks, 500, args.storm_hold_timeout
+                )
+        if not args.no_profile and args.py_spy_tasks:
+            # One broker is enough to see where a worker spends its time.
+            for kind, site in list(sites.items())[:1]:
+                for task in ("bench.resilient", "bench.failing"):
+                    say(f"{kind}: py-spy on a worker running {task}")
+                    raw["profile"][f"py_spy_{kind}_{task.split('.')[1]}"] = _guarded(
+                        profiling.py_spy_worker, site, args.py_spy_tasks, RESULTS, task
+                    )
+    finally:
+        for site in sites.values():
+            site.close()
+    report.write_json(RESULTS / "latest.json", raw)
+    summary = report.summarise(raw)
+    report.write_json(RESULTS / "summary.json", summary)
+    if not args.no_docs:
+        report.write_json(DOCS / "benchmarks.json", summary)
+        drawn = report.chart(summary, DOCS / "img" / "benchmarks.png")
+        report.write_docs(
+            DOCS / "benchmarks.md",
+            report.markdown(summary, "img/benchmarks.png" if drawn else None),
+        )
+    print(report.markdown(summary, None))
+    return 0
+
+
+def _guarded(function: Any, *args: Any) -> dict[str, Any]:
+    try:
+        result: dict[str, Any] = function(*args)
+    except Exception as exc:
+        traceback.print_exc()
+        return {"skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    return result
+
+
+def _events_available() -> bool:
+    try:
+        from resilient_tasks import observability  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,327 @@
+"""The benchmarks' outputs: JSON (raw and summary), a markdown section in ``docs/benchmarks.md``
+and a chart in ``docs/img/benchmarks.png``."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+BEGIN = "<!-- bench:begin (written by `python -m benchmarks`; edit outside these markers) -->"
+END = "<!-- bench:end -->"
+
+TARGETS = {
+    "ratio": 0.97,
+    "failing_vs_success": 0.5,
+    "overhead_us": 15.0,
+    "replay_per_second": 1000.0,
+}
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarise(raw: dict[str, Any]) -> dict[str, Any]:
+    """The figures the docs show, from the raw results of every round."""
+    throughput: dict[str, Any] = {}
+    for broker, runs in raw.get("throughput", {}).items():
+
+        def rates(label: str, runs: list[dict[str, Any]] = runs) -> list[float]:
+            return [r[label]["per_second"] for r in runs if "per_second" in r.get(label, {})]
+
+        def ratios(a: str, b: str, runs: list[dict[str, Any]] = runs) -> list[float]:
+            return [r[a]["per_second"] / r[b]["per_second"] for r in runs if a in r and b in r]
+
+        throughput[broker] = {
+            "rounds": len(runs),
+            "plain_per_second": median(rates("plain")),
+            "resilient_per_second": median(rates("resilient")),
+            "resilient_no_events_per_second": median(rates("resilient_no_events")),
+            "ratio_resilient_to_plain": median(ratios("resilient", "plain")),
+            "ratio_per_round": [round(x, 4) for x in ratios("resilient", "plain")],
+            "ratio_no_events_to_plain": median(ratios("resilient_no_events", "plain")),
+            "plain_failing_per_second": median(rates("plain_failing")),
+            "failing_per_second": median(rates("failing")),
+            "ratio_failing_to_success": median(ratios("failing", "resilient")),
+            "ratio_failing_to_plain_failing": median(ratios("failing", "plain_failing")),
+            "replay_per_second": median(rates("replay")),
+            "replay_skipped": next(
+                (r["replay"]["skipped"] for r in runs if "skipped" in r.get("replay", {})), None
+            ),
+        }
+    inprocess = raw.get("inprocess") or {}
+    return {
+        "generated_at": raw["generated_at"],
+        "command": raw["command"],
+        "note": raw.get("note", ""),
+        "machine": raw["machine"],
+        "config": raw["config"],
+        "targets": TARGETS,
+        "throughput": throughput,
+        "inprocess": {k: v for k, v in inprocess.items() if k != "samples"}
+        | (
+            {"events": {k: v for k, v in inprocess["events"].items() if k != "samples"}}
+            if isinstance(inprocess.get("events"), dict)
+            else {}
+        ),
+        "storm": raw.get("storm", {}),
+        "profile": raw.get("profile", {}),
+        "skipped": raw.get("skipped", {}),
+    }
+
+
+def _n(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def _mark(value: float | None, target: float, *, below: bool = False) -> str:
+    if value is None:
+        return ""
+    ok = value <= target if below else value >= target
+    return " ✅" if ok else " ❌"
+
+
+def markdown(summary: dict[str, Any], chart: str | None) -> str:
+    machine, config = summary["machine"], summary["config"]
+    lines = [
+        f"Produced by `{summary['command']}` on {summary['generated_at'][:16].replace('T', ' ')}"
+        f" UTC: {machine['cpus']} CPU cores ({machine['cpu_model']}), Python {machine['python']}, "
+        f"Celery {machine['celery']}, Kombu {machine['kombu']}, brokers on loopback.",
+        "",
+    ]
+    if summary.get("note"):
+        lines += [f"> **{summary['note']}**", ""]
+    lines += [
+        f"{config['tasks']} tasks per run, {config['rounds']} rounds (the order of the variants "
+        f"rotated every round), `celery worker -P prefork -c {config['concurrency']}`, prefetch "
+        f"{config['prefetch']} per process, `--loglevel={config['loglevel']}`, events "
+        f"{'connected' if config['events'] else 'not available'}. Medians over rounds.",
+        "",
+        "| broker | plain tasks/s | resilient tasks/s | ratio (≥ 0.97) "
+        "| resilient, events off | ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    throughput = summary["throughput"]
+    for broker, t in throughput.items():
+        lines.append(
+            f"| {broker} | {_n(t['plain_per_second'])} | {_n(t['resilient_per_second'])} "
+            f"| {_n(t['ratio_resilient_to_plain'], 3)}"
+            f"{_mark(t['ratio_resilient_to_plain'], TARGETS['ratio'])} "
+            f"| {_n(t['resilient_no_events_per_second'])} "
+            f"| {_n(t['ratio_no_events_to_plain'], 3)} |"
+        )
+    for broker, t in throughput.items():
+        lines += [
+            "",
+            f"Ratio per round on {broker}: " + ", ".join(f"{x:.3f}" for x in t["ratio_per_round"]),
+        ]
+    lines += [
+        "",
+        "**Failure path and replay** (permanent failures; *Celery failures* is a plain "
+        "`celery.Task` raising, logged and nothing else, timed at its last task; "
+        "*dead-lettered* is a `ResilientTask` raising `Permanent`, timed until the dead-letter "
+        "queue holds every envelope; replay republishes those envelopes with publisher "
+        "confirms):",
+        "",
+        "| broker | Celery failures/s | dead-lettered/s | vs resilient success (≥ 0.5) "
+        "| vs Celery failures | replay msg/s (≥ 1000) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for broker, t in throughput.items():
+        replay = t["replay_per_second"]
+        replay_text = (
+            f"{_n(replay)}{_mark(replay, TARGETS['replay_per_second'])}"
+            if replay is not None
+            else (t.get("replay_skipped") or "n/a")
+        )
+        lines.append(
+            f"| {broker} | {_n(t['plain_failing_per_second'])} | {_n(t['failing_per_second'])} "
+            f"| {_n(t['ratio_failing_to_success'], 2)}"
+            f"{_mark(t['ratio_failing_to_success'], TARGETS['failing_vs_success'])} "
+            f"| {_n(t['ratio_failing_to_plain_failing'], 2)} | {replay_text} |"
+        )
+    inprocess = summary.get("inprocess") or {}
+    if inprocess:
+        us = inprocess["us_per_task"]
+        lines += [
+            "",
+            "**In-process cost per task** (Celery's tracer, "
+            f"{inprocess['iterations']:,} calls x {inprocess['repeats']} repeats, medians):",
+            "",
+            "| variant | µs per task |",
+            "|---|---:|",
+            f"| plain `celery.Task` | {_n(us['plain'], 1)} |",
+            f"| plain with a pass-through `__call__` | {_n(us['custom_call'], 1)} |",
+            f"| `ResilientTask` + `RetryPolicy` | {_n(us['resilient'], 1)} |",
+        ]
+        events = inprocess.get("events")
+        if isinstance(events, dict):
+            eus = events["us_per_task"]
+            lines += [
+                f"| plain, events on (JSON to /dev/null) | {_n(eus['plain_events'], 1)} |",
+                f"| `ResilientTask`, events on (JSON to /dev/null) | "
+                f"{_n(eus['resilient_events'], 1)} |",
+            ]
+        overhead = inprocess["library_overhead_us"]
+        lines += [
+            "",
+            f"Library hooks: **{_n(overhead, 1)} µs per task**"
+            f"{_mark(overhead, TARGETS['overhead_us'], below=True)} (target ≤ 15), of which "
+            f"{_n(inprocess['custom_call_overhead_us'], 1)} µs is what Celery's tracer charges "
+            f"any task that overrides `__call__` and {_n(inprocess['library_own_code_us'], 1)} µs "
+            "the library's own code.",
+        ]
+        if isinstance(events, dict):
+            lines.append(
+                f"With events on: {_n(events['library_overhead_us'], 1)} µs of hooks over a plain "
+                f"task that also has events on; {_n(events['vs_plain_without_events_us'], 1)} µs "
+                "over a plain task without events."
+            )
+        elif isinstance(events, str):
+            lines.append(f"Events: {events}.")
+    storm = summary.get("storm") or {}
+    if storm:
+        lines += [
+            "",
+            "**Retry storm**, the baseline: tasks each retried once with a 3600 s countdown "
+            "through Celery's own retry (an ETA message the receiving worker holds in memory). "
+            "VmRSS growth of the main process (which holds the ETA messages) and of the two pool "
+            "children (a roughly fixed high-water mark of the retry path, the same with Celery's "
+            "autoretry); *held* is how many retries the worker had pulled in when measured, "
+            "*probe wait* how long ordinary tasks published after the storm waited to start:",
+            "",
+            "| broker | tasks | held | main growth | per held retry | children growth "
+            "| probe wait |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for broker, s in storm.items():
+            if "skipped" in s:
+                lines.append(f"| {broker} | {s['skipped']} | | | | | |")
+                continue
+            wait = s["probe_wait_seconds"]
+            lines.append(
+                f"| {broker} | {s['tasks']:,} | {s['held_in_worker']:,} after "
+                f"{s['seconds_until_measured']:.0f} s "
+                f"| {s['main_growth_kib'] / 1024:,.1f} MiB "
+                f"| {_n(s['main_bytes_per_held_task'])} B "
+                f"| {s['children_growth_kib'] / 1024:,.1f} MiB "
+                f"| {f'{wait:.1f} s' if wait is not None else 'did not start'} |"
+            )
+    profile = summary.get("profile") or {}
+    attribution = profile.get("attribution")
+    if attribution:
+        lines += [
+            "",
+            "**What the resilient task adds per call** (cProfile own time, resilient minus "
+            "plain; cProfile inflates small functions, read it as a ranking):",
+            "",
+            "| function | µs per task |",
+            "|---|---:|",
+        ]
+        for row in attribution["top_added_us_per_task"][:8]:
+            lines.append(f"| `{row['function']}` | {row['us']:.2f} |")
+    for key, spy in profile.items():
+        if not key.startswith("py_spy_"):
+            continue
+        if "skipped" in spy:
+            lines += ["", f"py-spy ({key}): {spy['skipped']}"]
+            continue
+        if not spy.get("samples"):
+            continue
+        shares = ", ".join(f"{k} {v:.0f} %" for k, v in spy["by_process_percent"].items())
+        lines += [
+            "",
+            f"**Worker profile, {spy['task']}** (py-spy, {spy['samples']:,} samples: {shares}). "
+            "Library frames, inclusive share of all samples:",
+            "",
+            "| frame | % |",
+            "|---|---:|",
+        ]
+        for row in spy["library_frames_inclusive"][:8]:
+            lines.append(f"| `{row['frame']}` | {row['percent']:.1f} |")
+    if summary.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in summary["skipped"].items())]
+    if chart:
+        lines += ["", f"![benchmarks]({chart})"]
+    return "\n".join(lines)
+
+
+def write_docs(page: Path, section: str) -> None:
+    """Replace the text between the markers of ``page`` (or append the markers)."""
+    text = page.read_text(encoding="utf-8") if page.exists() else "# Benchmarks\n"
+    block = f"{BEGIN}\n{section}\n{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    page.write_text(text, encoding="utf-8")
+
+
+def chart(summary: dict[str, Any], path: Path) -> str | None:
+    """Draw the chart; ``None`` if matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    throughput = summary["throughput"]
+    brokers = list(throughput)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    ax = axes[0]
+    series = [
+        ("plain_per_second", "plain celery.Task"),
+        ("resilient_per_second", "ResilientTask (events on)"),
+        ("resilient_no_events_per_second", "ResilientTask (events off)"),
+        ("plain_failing_per_second", "Celery failures"),
+        ("failing_per_second", "dead-lettered"),
+    ]
+    width = 0.8 / len(series)
+    for i, (key, label) in enumerate(series):
+        values = [throughput[b][key] or 0 for b in brokers]
+        offset = (i - (len(series) - 1) / 2) * width
+        ax.bar([x + offset for x in range(len(brokers))], values, width, label=label)
+    ax.set_xticks(range(len(brokers)), brokers)
+    ax.set_ylabel("tasks per second")
+    ax.set_title("Worker throughput (prefork -c 2)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    inprocess = summary.get("inprocess") or {}
+    if inprocess:
+        us = dict(inprocess["us_per_task"])
+        events = inprocess.get("events")
+        if isinstance(events, dict):
+            us.update(events["us_per_task"])
+        ax.barh(list(us), list(us.values()), color="tab:gray")
+        ax.set_xlabel("µs per task (Celery tracer, one process)")
+        ax.set_title("In-process cost")
+        ax.invert_yaxis()
+    ax = axes[2]
+    replay = {b: throughput[b]["replay_per_second"] or 0 for b in brokers}
+    ax.bar(list(replay), list(replay.values()), color="tab:green")
+    ax.axhline(TARGETS["replay_per_second"], color="tab:red", linestyle="--", linewidth=1)
+    ax.set_ylabel("messages per second")
+    ax.set_title("Replay with publisher confirms")
+    note = summary.get("note")
+    fig.suptitle(
+        f"resilient-tasks benchmarks, {summary['machine']['cpus']} cores"
+        + (f" ({note})" if note else ""),
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")

@@ -44,6 +44,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default=120.0,
         help="seconds to wait for the worker to pull every retry in before measuring",
     )
+    parser.add_argument(
+        "--storm-compare",
+        action="store_true",
+        help="also run the storm with Celery's own autoretry (a plain celery.Task)",
+    )
     parser.add_argument("--inprocess-iterations", type=int, default=20_000)
     parser.add_argument("--inprocess-repeats", type=int, default=15)
     parser.add_argument("--loglevel", default="WARNING", help="the workers' --loglevel")
@@ -154,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                 raw["storm"][kind] = _guarded(
                     workload.retry_storm, site, args.storm_tasks, 500, args.storm_hold_timeout
                 )
+                if args.storm_compare:
+                    raw["storm"][f"{kind}, Celery autoretry"] = _guarded(
+                        workload.retry_storm, site, args.storm_tasks, 500,
+                        args.storm_hold_timeout, 20, "bench.plain_storm",
+                    )  # fmt: skip
         if not args.no_profile and args.py_spy_tasks:
             # One broker is enough to see where a worker spends its time.
             for kind, site in list(sites.items())[:1]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import string
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from amqp.exceptions import PreconditionFailed
@@ -185,7 +185,14 @@ def confirmed_producer(app: Celery) -> Iterator[Producer]:
     """
     connection = app.connection_for_write(transport_options={"confirm_publish": True})
     with producers[connection].acquire(block=True, timeout=10) as producer:
-        yield producer
+        try:
+            yield producer
+        except BaseException:
+            # A publish cut short may leave its channel mid-conversation (closed by the broker,
+            # a confirm still to come): reconnect rather than hand it to the pool's next user.
+            with suppress(Exception):
+                producer.connection.close()
+            raise
 
 
 def publish_envelope(
@@ -217,22 +224,17 @@ def publish_envelope(
 
 def _publish(app: Celery, queue: str, envelope: Mapping[str, Any], declare: list[Any]) -> None:
     with confirmed_producer(app) as producer:
-        try:
-            producer.publish(  # type: ignore[no-untyped-call]
-                dict(envelope),
-                exchange="",
-                routing_key=queue,
-                serializer="json",
-                delivery_mode=2,
-                declare=declare,
-                headers={
-                    HEADER_REASON: envelope.get("reason"),
-                    HEADER_TASK: envelope.get("task", {}).get("name"),
-                },
-                retry=True,
-                retry_policy=dict(PUBLISH_RETRY_POLICY),
-            )
-        except PreconditionFailed:
-            # The broker closed this channel: reconnect before the pool hands it out again.
-            producer.connection.close()
-            raise
+        producer.publish(  # type: ignore[no-untyped-call]
+            dict(envelope),
+            exchange="",
+            routing_key=queue,
+            serializer="json",
+            delivery_mode=2,
+            declare=declare,
+            headers={
+                HEADER_REASON: envelope.get("reason"),
+                HEADER_TASK: envelope.get("task", {}).get("name"),
+            },
+            retry=True,
+            retry_policy=dict(PUBLISH_RETRY_POLICY),
+        )

@@ -38,10 +38,9 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from kombu.pools import producers
 from kombu.transport.virtual import Channel as VirtualChannel
 
-from .deadletter import PUBLISH_RETRY_POLICY
+from .deadletter import PUBLISH_RETRY_POLICY, confirmed_producer
 from .envelope import (
     DEFAULT_REDACT_PATTERNS,
     REDACTED,
@@ -981,16 +980,8 @@ class DeadLetters:
         if dry_run:
             yield None
             return
-        connection = self.app.connection_for_write(transport_options={"confirm_publish": True})
-        with producers[connection].acquire(block=True, timeout=10) as producer:
-            try:
-                yield producer
-            except BaseException:
-                # A publish cut short may leave its channel mid-conversation (a confirm still
-                # to come): reconnect rather than hand that channel to the pool's next user.
-                with suppress(Exception):
-                    producer.connection.close()
-                raise
+        with confirmed_producer(self.app) as producer:
+            yield producer
 
     def purge(
         self,

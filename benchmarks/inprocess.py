@@ -2,16 +2,17 @@
 
 Each variant is the same no-op task; each is run through ``celery.app.trace.build_tracer`` (the
 function a prefork pool child calls for every message) with a request built as the worker builds
-it (protocol 2 headers, delivery info, hostname), ``iterations`` times in a loop. Repeats
+it (protocol 2 headers, delivery info, hostname), ``iterations`` times in a loop, after Celery's
+``setup_worker_optimizations`` as in a pool child. Repeats
 alternate the order of the variants; the figures are medians over repeats.
 
 Variants:
 
 * ``plain``: a ``celery.Task`` with ``acks_late`` and ``reject_on_worker_lost``;
 * ``custom_call``: the same with a ``__call__`` that only calls ``super().__call__``. Celery's
-  tracer calls ``task.run`` directly unless the class overrides ``__call__``; then it goes
-  through ``Task.__call__``, which pushes a copy of the request. This variant isolates what any
-  ``__call__`` override costs, whoever writes it;
+  tracer calls ``task.run`` directly unless the class overrides ``__call__``; then it calls the
+  task, and ``Task.__call__`` (in a worker, Celery's stack-protected version of it) calls
+  ``run``. This variant isolates what any ``__call__`` override costs, whoever writes it;
 * ``resilient``: a ``ResilientTask`` with a ``RetryPolicy``;
 * ``resilient_events``: the same after ``resilient_tasks.observability.configure_logging()``
   and ``connect()``, when that module exists, with a root logger at INFO writing to
@@ -33,7 +34,11 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task, signals
-from celery.app.trace import build_tracer
+from celery.app.trace import (
+    build_tracer,
+    reset_worker_optimizations,
+    setup_worker_optimizations,
+)
 
 from resilient_tasks import ResilientTask, RetryPolicy
 
@@ -149,6 +154,16 @@ def _events_on() -> bool:
 
 def measure(iterations: int = 20_000, repeats: int = 15) -> dict[str, Any]:
     app, tasks = make_app()
+    # As in a prefork pool child: Celery's worker optimizations (its stack-protected
+    # Task.__call__ among them), undone when the measurement is over.
+    setup_worker_optimizations(app, HOSTNAME)
+    try:
+        return _measure(app, tasks, iterations, repeats)
+    finally:
+        reset_worker_optimizations(app)
+
+
+def _measure(app: Celery, tasks: dict[str, Task], iterations: int, repeats: int) -> dict[str, Any]:
     calls = {name: tracer_call(app, task) for name, task in tasks.items()}
     samples = _phase(calls, iterations, repeats)
     result: dict[str, Any] = {

@@ -19,13 +19,16 @@ it ran, so the log line is all that remains.
 from __future__ import annotations
 
 import logging
+import os
 import string
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from amqp.exceptions import PreconditionFailed
-from celery import Task
+from celery import Celery, Task
+from kombu.connection import Connection
 from kombu.entity import Queue
 from kombu.messaging import Producer
 from kombu.pools import producers
@@ -33,7 +36,6 @@ from kombu.pools import producers
 from .options import check_before, check_bool, invalid
 
 if TYPE_CHECKING:
-    from celery import Celery
     from celery import Task as _TaskBase
 else:
     _TaskBase = object
@@ -176,6 +178,21 @@ def dead_letter_queue_for(name: str, source: Queue | None) -> Queue:
     return Queue(name, exchange="", routing_key=name, durable=True, queue_arguments=arguments)  # type: ignore[no-untyped-call]
 
 
+# The confirming connection's settings per app, made once per process (Celery builds a new
+# Connection object, URL parsing and transport lookup included, on every connection_for_write).
+_write_connections: weakref.WeakKeyDictionary[Celery, tuple[int, Connection]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _write_connection(app: Celery) -> Connection:
+    cached = _write_connections.get(app)
+    if cached is None or cached[0] != os.getpid():
+        connection = app.connection_for_write(transport_options={"confirm_publish": True})
+        _write_connections[app] = cached = (os.getpid(), connection)
+    return cached[1]
+
+
 @contextmanager
 def confirmed_producer(app: Celery) -> Iterator[Producer]:
     """A producer from Kombu's pool on the app's broker, with publisher confirms on RabbitMQ.
@@ -183,8 +200,7 @@ def confirmed_producer(app: Celery) -> Iterator[Producer]:
     One pool (and so one set of connections) per broker URL and options, shared by every
     dead-letter, retry and replay publish of the process.
     """
-    connection = app.connection_for_write(transport_options={"confirm_publish": True})
-    with producers[connection].acquire(block=True, timeout=10) as producer:
+    with producers[_write_connection(app)].acquire(block=True, timeout=10) as producer:
         try:
             yield producer
         except BaseException:

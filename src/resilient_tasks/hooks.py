@@ -19,22 +19,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import Task
-from celery.exceptions import Ignore, Reject, Retry
+from celery.exceptions import Retry
 
 from . import _reason
+from ._call import StepsMixin
 from .envelope import redact, redact_patterns
 from .history import Attempt, History
 from .options import check_before, invalid
 from .policy import Reason, exception_chain
-from .retry import RetryMixin
-
-if TYPE_CHECKING:
-    from celery import Task as _TaskBase
-else:
-    _TaskBase = object
 
 __all__ = ["FailureDetails", "FailureHooksMixin", "handler_for"]
 
@@ -115,11 +110,12 @@ def run_isolated(what: str, hook: Callable[..., object], *args: Any) -> None:
         logger.exception("resilient_tasks: %s raised; the task's outcome stands", what)
 
 
-class FailureHooksMixin(_TaskBase):  # type: ignore[misc]
+class FailureHooksMixin(StepsMixin):
     """Run failure handlers and hooks on terminal failures and retries, isolated.
 
-    Combine it with ``celery.Task`` (before :class:`~resilient_tasks.RetryMixin`, which it must
-    see the decisions of), or use :class:`~resilient_tasks.ResilientTask`, which includes it.
+    Combine it with ``celery.Task`` (mixins first, in any order among themselves: it sees the
+    decisions of :class:`~resilient_tasks.RetryMixin` either way), or use
+    :class:`~resilient_tasks.ResilientTask`, which includes it.
 
     Options (class attributes or ``@app.task`` keywords):
         failure_handlers: a mapping of exception type to a callable taking a
@@ -166,7 +162,6 @@ class FailureHooksMixin(_TaskBase):  # type: ignore[misc]
                     handlers,
                     f"the handler for {key.__name__} is not callable",
                 )
-        check_before(cls, FailureHooksMixin, RetryMixin, "the hooks would miss its decisions")
         check_before(cls, FailureHooksMixin, Task, "Celery's methods would shadow it")
         own = cls.__dict__.get("on_retry")
         if own is not None and _takes_details(own):
@@ -176,19 +171,13 @@ class FailureHooksMixin(_TaskBase):  # type: ignore[misc]
     def on_give_up(self, details: FailureDetails) -> None:
         """A terminal failure: runs after the matching ``failure_handlers`` entry. No-op."""
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().__call__(*args, **kwargs)
-        except Retry as retry:
-            if not self.request.called_directly and getattr(self, _DETAILS_ON_RETRY, False):
-                run_isolated(f"on_retry of {self.name}", self.on_retry, self._retry_details(retry))
-            raise
-        except (Ignore, Reject):
-            raise
-        except Exception as exc:
-            if not self.request.called_directly:
-                give_up(self, self._details(exc, _reason.reason_of(exc)))
-            raise
+    def _rt_retried(self, retry: Retry) -> None:
+        if getattr(self, _DETAILS_ON_RETRY, False):
+            run_isolated(f"on_retry of {self.name}", self.on_retry, self._retry_details(retry))
+
+    def _rt_gave_up(self, exc: Exception) -> None:
+        if has_give_up_hooks(self, exc):  # else no details to build: nobody reads them
+            give_up(self, self._details(exc, _reason.reason_of(exc)))
 
     def _details(
         self, exc: BaseException, reason: Reason | None, delay: float | None = None
@@ -219,6 +208,14 @@ class FailureHooksMixin(_TaskBase):  # type: ignore[misc]
         delay = float(when) if isinstance(when, int | float) else None
         exc = retry.exc if isinstance(retry.exc, BaseException) else retry
         return self._details(exc, None, delay)
+
+
+def has_give_up_hooks(task: Any, exc: BaseException) -> bool:
+    """Whether a terminal failure ``exc`` of ``task`` has a handler or an ``on_give_up`` to run."""
+    on_give_up = getattr(type(task), "on_give_up", None)
+    if on_give_up is not None and on_give_up is not FailureHooksMixin.on_give_up:
+        return True
+    return handler_for(getattr(task, "failure_handlers", {}), exc) is not None
 
 
 def give_up(task: Any, details: FailureDetails) -> None:

@@ -34,27 +34,24 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping, MutableMapping
+from contextlib import suppress
 from contextvars import ContextVar, Token
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from billiard.einfo import ExceptionWithTraceback
-from celery import current_task, signals
+from celery import Task, current_task, signals
 from celery.utils.log import get_multiprocessing_logger
 from celery.worker.request import Request
 
 from . import _events, _reason
+from ._call import StepsMixin
 from .history import exception_type_name
+from .options import check_before
 from .policy import unretried_reason
 from .request import redeliveries
-
-if TYPE_CHECKING:
-    from celery import Task as _TaskBase
-else:
-    _TaskBase = object
 
 __all__ = [
     "CONTEXT_KEYS",
@@ -105,13 +102,14 @@ LOGGER_NAME = "resilient_tasks.events"
 DEDUPE_SIZE = 1024
 
 _log = structlog.get_logger(LOGGER_NAME)
+_LEVELS = {name: logging.getLevelName(name.upper()) for name in set(EVENTS.values())}
 _UID = "resilient_tasks.observability."
 # Test helpers (resilient_tasks.testing) receive each event here before it is logged.
 _Sink = Callable[[str, str, Mapping[str, Any]], None]
 _sinks: list[_Sink] = []
 _state = {"connected": False}
 # The structlog bindings of the tasks running in this context, innermost last.
-_bindings: ContextVar[tuple[tuple[str | None, Mapping[str, Token[Any]]], ...]] = ContextVar(
+_bindings: ContextVar[tuple[tuple[_Described, Mapping[str, Token[Any]]], ...]] = ContextVar(
     "resilient_tasks_observability_bindings", default=()
 )
 
@@ -151,6 +149,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_occurrences.after_fork)
 
 
+def _wanted(event: str) -> bool:
+    """Whether ``event`` would be logged (or a test sink listens): skip building the rest if
+    not. Asks the bound logger's ``is_enabled_for`` (structlog's stdlib and filtering loggers
+    have it); a logger without it logs everything."""
+    if _sinks:
+        return True
+    is_enabled_for = getattr(_log.bind(), "is_enabled_for", None)
+    return is_enabled_for is None or bool(is_enabled_for(_LEVELS[EVENTS[event]]))
+
+
 def _record(event: str, fields: dict[str, Any], *, retries: Any = 0, redelivered: int = 0) -> None:
     """Log ``event`` once per (event, task id, retries, redeliveries)."""
     task_id = fields.get("task_id")
@@ -173,27 +181,31 @@ class _Described:
     message's headers."""
 
     def __init__(self, source: Any, task: Any = None, task_id: str | None = None) -> None:
+        get: Callable[[str], Any]
         if isinstance(source, Request):
-            data: Mapping[str, Any] = source.request_dict
-            headers: Mapping[str, Any] = data
+            get = source.request_dict.get
+            headers: Any = source.request_dict
         elif isinstance(source, Mapping):
-            data = headers = source
-        else:
-            data = _Attributes(source)
-            headers = getattr(source, "headers", None) or {}
-        delivery = data.get("delivery_info") or {}
-        name = data.get("task")
-        self.task_id: str | None = data.get("id") or task_id
+            get, headers = source.get, source
+        else:  # anything else with the attributes (or None)
+
+            def get(key: str) -> Any:
+                return getattr(source, key, None)
+
+            headers = get("headers")
+        delivery = get("delivery_info")
+        name = get("task")
+        self.task_id: str | None = get("id") or task_id
         self.task_name: str | None = name if isinstance(name, str) else getattr(task, "name", None)
-        self.retries: int = _whole(data.get("retries"))
+        self.retries: int = _whole(get("retries"))
         self.queue: str | None = (
             delivery.get("routing_key") if isinstance(delivery, Mapping) else None
         )
-        self.root_id: str | None = data.get("root_id")
-        self.parent_id: str | None = data.get("parent_id")
-        self.hostname: str | None = data.get("hostname")
-        self.correlation_id: str | None = headers.get(CORRELATION_HEADER) or self.root_id
-        self.redeliveries = redeliveries(headers) if isinstance(headers, Mapping) else 0
+        self.root_id: str | None = get("root_id")
+        self.parent_id: str | None = get("parent_id")
+        self.hostname: str | None = get("hostname")
+        self._headers: Mapping[str, Any] = headers if isinstance(headers, Mapping) else {}
+        self.correlation_id: str | None = self._headers.get(CORRELATION_HEADER) or self.root_id
 
     def context(self) -> dict[str, Any]:
         """The keys bound in structlog's contextvars while the task runs."""
@@ -212,31 +224,14 @@ class _Described:
         return {**self.context(), "hostname": self.hostname, **extra}
 
     def record(self, event: str, **extra: Any) -> None:
+        if not _wanted(event):
+            return
         _record(
             event,
             self.fields(**extra),
             retries=self.retries,
-            redelivered=self.redeliveries,
+            redelivered=redeliveries(self._headers),
         )
-
-
-class _Attributes(Mapping[str, Any]):
-    """``getattr`` as a read-only mapping (for Celery's ``Context``)."""
-
-    def __init__(self, obj: Any) -> None:
-        self._obj = obj
-
-    def __getitem__(self, key: str) -> Any:
-        try:
-            return getattr(self._obj, key)
-        except AttributeError:
-            raise KeyError(key) from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
 
 
 def _whole(value: Any) -> int:
@@ -270,14 +265,22 @@ def _exception(exc: BaseException | None) -> dict[str, Any]:
 
 def _bind(described: _Described) -> None:
     tokens = structlog.contextvars.bind_contextvars(**described.context())
-    _bindings.set((*_bindings.get(), (described.task_id, tokens)))
+    _bindings.set((*_bindings.get(), (described, tokens)))
+
+
+def _bound_described(task_id: str | None) -> _Described | None:
+    """What the innermost binding (task_prerun's) read for ``task_id``, if it is that task's."""
+    stack = _bindings.get()
+    if stack and task_id is not None and stack[-1][0].task_id == task_id:
+        return stack[-1][0]
+    return None
 
 
 def _unbind(task_id: str | None) -> None:
     """Restore what the innermost binding of ``task_id`` bound to what it was before."""
     stack = _bindings.get()
     for index in range(len(stack) - 1, -1, -1):
-        if stack[index][0] == task_id:
+        if stack[index][0].task_id == task_id:
             _bindings.set(stack[:index] + stack[index + 1 :])
             try:
                 structlog.contextvars.reset_contextvars(**stack[index][1])
@@ -286,17 +289,7 @@ def _unbind(task_id: str | None) -> None:
             return
 
 
-@contextmanager
-def _bound(request: Any, task: Any) -> Iterator[None]:
-    described = _Described(request, task)
-    _bind(described)
-    try:
-        yield
-    finally:
-        _unbind(described.task_id)
-
-
-class ObservabilityMixin(_TaskBase):  # type: ignore[misc]
+class ObservabilityMixin(StepsMixin):
     """Bind the task's identity in ``structlog.contextvars`` around its call, with or without
     :func:`connect`.
 
@@ -308,8 +301,10 @@ class ObservabilityMixin(_TaskBase):  # type: ignore[misc]
     does it). A task called directly as a function binds nothing. Events are logged by
     :func:`connect`, not by this mixin.
 
-    List it first among the bases so its binding also covers the other mixins' work inside the
-    call (a retry being scheduled, a soft time limit's cleanup).
+    The binding also covers the other mixins' work inside the call (a retry being scheduled, a
+    soft time limit's cleanup, the failure hooks), whatever the order of the bases. After
+    :func:`connect`, Celery's ``task_prerun`` binds the same keys for the whole run, and the
+    mixin binds nothing more.
 
     Example::
 
@@ -327,12 +322,20 @@ class ObservabilityMixin(_TaskBase):  # type: ignore[misc]
             structlog.get_logger().info("exporting")  # carries task_id, attempt, ...
     """
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        request = self.request
-        if request.called_directly:
-            return super().__call__(*args, **kwargs)
-        with _bound(request, self):
-            return super().__call__(*args, **kwargs)
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        check_before(cls, ObservabilityMixin, Task, "Celery's __call__ would shadow it")
+
+    def _rt_bind(self, request: Any) -> Any:
+        if _state["connected"]:  # task_prerun bound the same keys, until task_postrun
+            return None
+        return structlog.contextvars.bind_contextvars(**_Described(request, self).context())
+
+    def _rt_unbind(self, binding: Any) -> None:
+        try:
+            structlog.contextvars.reset_contextvars(**binding)
+        except (ValueError, RuntimeError):  # bound in another context: unbind by name
+            structlog.contextvars.unbind_contextvars(*binding)
 
 
 # -- Celery's signals -----------------------------------------------------------------------------
@@ -370,7 +373,8 @@ def _on_postrun(sender: Any = None, task_id: str | None = None, task: Any = None
 def _on_success(sender: Any = None, runtime: float | None = None, **_: Any) -> None:
     request = getattr(sender, "request", None)
     extra = {} if runtime is None else {"runtime": round(float(runtime), 6)}
-    _Described(request, sender).record("task_succeeded", **extra)
+    described = _bound_described(getattr(request, "id", None)) or _Described(request, sender)
+    described.record("task_succeeded", **extra)
 
 
 def _on_failure(

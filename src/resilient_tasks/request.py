@@ -36,8 +36,8 @@ from .envelope import (
 )
 from .history import HEADER, Attempt, History, exception_type_name
 from .hooks import FailureHooksMixin, details_from_worker, give_up
-from .policy import AttemptState, Reason, RetryIn, decide
-from .retry import without_x_death
+from .policy import AttemptState, GiveUp, Reason, RetryIn, decide
+from .retry import RetryMixin, without_x_death
 
 __all__ = ["REDELIVERIES", "ResilientRequest", "redeliveries"]
 
@@ -101,11 +101,52 @@ class ResilientRequest(Request):  # type: ignore[misc]
                 return self._settle_worker_lost(exc, exc_info, send_failed_event, return_ok)
         if not getattr(task, "dead_letter", False) or isinstance(exc, _NOT_TERMINAL):
             return super().on_failure(exc_info, send_failed_event, return_ok)
-        if not self._dead_letter(exc, exc_info, _reason.reason_of(exc)):
+        if not self._dead_letter(exc, exc_info, self._give_up_reason(exc, exc_info)):
             return None
         return super().on_failure(exc_info, send_failed_event, return_ok)
 
     # -- terminal failures ----------------------------------------------------------------
+
+    def _give_up_reason(self, exc: BaseException, exc_info: ExceptionInfo) -> Reason:
+        """Why the task gave up: the reason its pool child recorded on the exception, else the
+        child's decision made again here.
+
+        The child's mark is lost when Celery had to send back a stand-in for an exception it
+        cannot pickle (see :mod:`resilient_tasks._reason`). What the decision looked at is here
+        too: the task's ``retry_policy`` (or Celery's ``autoretry_for`` / ``max_retries``), the
+        attempt number and the history from the message, and the exception as raised, rebuilt
+        from the class the ``ExceptionInfo`` names. Pickle drops the exception's chain, so a
+        match through ``__cause__`` / ``__context__`` cannot be repeated; nor can one by a
+        predicate reading attributes the stand-in lost. Never raises: ``"exception"`` when the
+        decision cannot be repeated.
+        """
+        reason = _reason.recorded(exc)
+        if reason is not None:
+            return reason
+        try:
+            return self._decide_again(_reason.as_raised(exc, getattr(exc_info, "type", None)))
+        except Exception:
+            logger.warning("resilient_tasks: could not tell why %s[%s] gave up; dead-lettering "
+                           "it with reason 'exception'", self.name, self.id,
+                           exc_info=True)  # fmt: skip
+            return "exception"
+
+    def _decide_again(self, exc: BaseException) -> Reason:
+        """The reason :class:`~resilient_tasks.RetryMixin` gives a terminal failure ``exc``."""
+        task = self.task
+        if not isinstance(task, RetryMixin):  # nothing decided in the child: nothing to repeat
+            return "exception"
+        decision = self._decision(exc)
+        if decision is None:  # no policy: Celery's own retry options decided
+            task.request_stack.push(self._context)
+            try:
+                reason: Reason = task._celery_reason(exc)
+            finally:
+                task.request_stack.pop()
+            return reason
+        # A retry here means the child saw what this process cannot (the exception's chain, a
+        # jittered delay past max_elapsed): why it gave up is unknown.
+        return decision.reason if isinstance(decision, GiveUp) else "exception"
 
     def _dead_letter(self, exc: BaseException, exc_info: ExceptionInfo, reason: Reason) -> bool:
         """Publish the envelope; on failure requeue (acks_late) and return False."""
@@ -187,8 +228,7 @@ class ResilientRequest(Request):  # type: ignore[misc]
         exc = TimeLimitExceeded(timeout)
         logger.error("Hard time limit (%ss) exceeded for %s[%s]", timeout, self.name, self.id)
         _events.emit("task_hard_time_limit", request=self, timeout=timeout, exception=exc)
-        policy = getattr(self.task, "retry_policy", None)
-        decision = decide(policy, self._attempt_state(exc)) if policy else None
+        decision = self._decision(exc)
         if isinstance(decision, RetryIn):
             self._retry_from_worker(exc, decision.delay)
             return
@@ -307,6 +347,12 @@ class ResilientRequest(Request):  # type: ignore[misc]
     def _started(self) -> datetime:
         now = datetime.now(timezone.utc)
         return datetime.fromtimestamp(self.time_start, timezone.utc) if self.time_start else now
+
+    def _decision(self, exc: BaseException) -> RetryIn | GiveUp | None:
+        """The task's retry policy's decision on this attempt failing with ``exc``; ``None``
+        without a policy."""
+        policy = getattr(self.task, "retry_policy", None)
+        return decide(policy, self._attempt_state(exc)) if policy else None
 
     def _attempt_state(self, exc: BaseException) -> AttemptState:
         context = self._context

@@ -14,16 +14,18 @@ Celery's task call and Celery's own ``Task.retry``.
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
-from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import Task
-from celery.exceptions import Ignore, MaxRetriesExceededError, Reject, Retry
+from celery.exceptions import MaxRetriesExceededError, Reject, Retry
 
 from . import _events, _reason
+from ._call import StepsMixin, attempt_started
+from .classify import TRANSIENT_ERRORS
 from .exceptions import Permanent
 from .history import HEADER, Attempt, History
 from .options import (
@@ -44,18 +46,10 @@ from .policy import (
     unretried_reason,
 )
 
-if TYPE_CHECKING:
-    from celery import Task as _TaskBase
-else:
-    _TaskBase = object
-
 __all__ = ["RetryMixin"]
 
-_attempt_started: ContextVar[datetime | None] = ContextVar(
-    "resilient_tasks_attempt_started", default=None
-)
-# Celery's control-flow exceptions: never a failure to retry.
-_CELERY_CONTROL = (Retry, Ignore, Reject)
+logger = logging.getLogger(__name__)
+
 # Celery's autoretry options, which a retry_policy replaces, and what to use instead.
 _AUTORETRY_OPTIONS = {
     "autoretry_for": "list these exceptions in RetryPolicy(retry_on=...)",
@@ -87,7 +81,13 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class RetryMixin(_TaskBase):  # type: ignore[misc]
+def _started(now: datetime) -> datetime:
+    """When the running attempt started (``now`` outside a worker's call)."""
+    started = attempt_started.get()
+    return now if started is None else datetime.fromtimestamp(started, timezone.utc)
+
+
+class RetryMixin(StepsMixin):
     """Retry failures as a :class:`~resilient_tasks.RetryPolicy` says, through Celery's own retry.
 
     Combine it with ``celery.Task`` (mixins first), or use
@@ -156,26 +156,15 @@ class RetryMixin(_TaskBase):  # type: ignore[misc]
         cls.max_retries = None if policy.max_attempts is None else policy.max_attempts - 1
         setattr(cls, _DERIVED, True)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        token = _attempt_started.set(_utcnow())
-        try:
-            return super().__call__(*args, **kwargs)
-        except _CELERY_CONTROL:
-            raise
-        except Exception as exc:
-            policy = self.retry_policy
-            if self.request.called_directly:
-                raise
-            if policy is None:
-                _reason.mark(exc, self._celery_reason(exc))
-                raise
-            decision = decide(policy, self._attempt_state(exc))
-            if isinstance(decision, RetryIn):
-                raise self.retry(exc=exc, countdown=decision.delay) from exc
-            _reason.mark(exc, decision.reason)
-            raise
-        finally:
-            _attempt_started.reset(token)
+    def _rt_settle(self, exc: Exception) -> None:
+        policy = self.retry_policy
+        if policy is None:
+            _reason.mark(exc, self._celery_reason(exc))
+            return
+        decision = decide(policy, self._attempt_state(exc))
+        if isinstance(decision, RetryIn):
+            raise self.retry(exc=exc, countdown=decision.delay) from exc
+        _reason.mark(exc, decision.reason)
 
     def retry(
         self,
@@ -199,7 +188,7 @@ class RetryMixin(_TaskBase):  # type: ignore[misc]
                 failure if failure is not None else Retry("retry requested"),
                 hostname=request.hostname or socket.gethostname(),
                 delay=_delay_of(countdown, eta, self.default_retry_delay, now),
-                at=_attempt_started.get() or now,
+                at=_started(now),
             )
             history = History.from_headers(request.headers).record(attempt)
             options["headers"] = {
@@ -215,7 +204,10 @@ class RetryMixin(_TaskBase):  # type: ignore[misc]
                 delay=attempt.delay,
                 exception=failure,
             )
-        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        try:
+            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        except Reject as reject:
+            raise _requeue_if_broker_unreachable(reject) from reject.reason
 
     def _celery_reason(self, exc: BaseException) -> Reason:
         """Why a task without a policy stopped: Celery's autoretry ran out, or it just raised."""
@@ -244,9 +236,25 @@ class RetryMixin(_TaskBase):  # type: ignore[misc]
             attempt=request.retries + 1,
             exception=exc,
             history=History.from_headers(request.headers),
-            started=_attempt_started.get() or now,
+            started=_started(now),
             now=now,
         )
+
+
+def _requeue_if_broker_unreachable(reject: Reject) -> Reject:
+    """Celery turns a retry it could not publish into ``Reject(requeue=False)``, which drops the
+    message (or hands it to the broker's own dead-lettering). When the publish failed because the
+    broker could not be reached, the message is requeued instead: it comes back, and is retried
+    from there, once the broker answers again. Anything else is left as Celery raised it."""
+    cause = reject.reason
+    if reject.requeue or not isinstance(cause, BaseException) or not TRANSIENT_ERRORS(cause):
+        return reject
+    logger.warning(
+        "resilient_tasks: could not publish the retry (%s: %s); the message is requeued",
+        type(cause).__name__,
+        cause,
+    )
+    return Reject(cause, requeue=True)
 
 
 def _check_no_celery_retry_options(cls: type) -> None:

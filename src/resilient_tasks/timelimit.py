@@ -11,18 +11,14 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import Task, signals
-from celery.exceptions import Retry, SoftTimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded
 
 from . import _events
+from ._call import StepsMixin
 from .options import check_before, check_seconds, invalid, task_label
-
-if TYPE_CHECKING:
-    from celery import Task as _TaskBase
-else:
-    _TaskBase = object
 
 __all__ = ["ENFORCING_POOLS", "TimeLimitMixin"]
 
@@ -32,7 +28,7 @@ logger = logging.getLogger(__name__)
 ENFORCING_POOLS = frozenset({"prefork"})
 
 
-class TimeLimitMixin(_TaskBase):  # type: ignore[misc]
+class TimeLimitMixin(StepsMixin):
     """Handle soft and hard time limits, and workers that die, once and without loops.
 
     Combine it with ``celery.Task`` (mixins first), or use
@@ -90,18 +86,7 @@ class TimeLimitMixin(_TaskBase):  # type: ignore[misc]
         What it raises is logged and does not replace the time-limit failure.
         """
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().__call__(*args, **kwargs)
-        except SoftTimeLimitExceeded as exc:
-            self._run_soft_time_limit_hook(exc)
-            raise
-        except Retry as retry:  # a mixin further out already scheduled the retry
-            if isinstance(retry.exc, SoftTimeLimitExceeded):
-                self._run_soft_time_limit_hook(retry.exc)
-            raise
-
-    def _run_soft_time_limit_hook(self, exc: SoftTimeLimitExceeded) -> None:
+    def _rt_soft_time_limit(self, exc: SoftTimeLimitExceeded) -> None:
         _events.emit("task_soft_time_limit", task=self, request=self.request, exception=exc)
         try:
             self.on_soft_time_limit(exc)

@@ -26,8 +26,8 @@ from resilient_tasks import (
     ConfigurationError,
     DeadLetterMixin,
     FailureHooksMixin,
+    ObservabilityMixin,
     ResilientTask,
-    RetryMixin,
     RetryPolicy,
     TimeLimitMixin,
 )
@@ -167,10 +167,10 @@ def test_failure_hooks_mixin_alone_refuses_a_handler_that_is_not_callable() -> N
             failure_handlers = {KeyError: 1}  # noqa: RUF012
 
 
-def test_retry_mixin_before_failure_hooks_mixin_is_refused() -> None:
-    with pytest.raises(ConfigurationError, match=r"list FailureHooksMixin first"):
+def test_observability_mixin_after_celery_task_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match=r"list ObservabilityMixin first"):
 
-        class Export(RetryMixin, FailureHooksMixin, Task):  # type: ignore[misc]
+        class Export(Task, ObservabilityMixin):  # type: ignore[misc]
             name = "reports.export"
 
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from celery import Celery, Task
+from celery import Celery, Signature, Task
+from celery.exceptions import Reject
+from kombu.exceptions import EncodeError, OperationalError
 
 from resilient_tasks import ResilientTask
 from resilient_tasks.history import HEADER, Attempt, History
 
 
 @pytest.fixture
-def task() -> Any:
+def task() -> Iterator[Any]:
     app = Celery("mixin", set_as_current=False)
     app.finalize()
 
@@ -20,7 +23,9 @@ def task() -> Any:
     def sync(self: Task) -> None:
         """A task body."""
 
-    return sync
+    yield sync
+    while sync.request_stack.top is not None:  # what in_worker pushed; the stack may be shared
+        sync.pop_request()
 
 
 @pytest.fixture
@@ -96,3 +101,28 @@ def test_retry_without_a_countdown_records_the_default_retry_delay(
 
     history = History.decode(celery_retry["options"]["headers"][HEADER])
     assert history.attempts[0].delay == task.default_retry_delay == 180
+
+
+@pytest.mark.parametrize(
+    ("publish_error", "requeue"),
+    [
+        (OperationalError("[Errno 111] Connection refused"), True),
+        (ConnectionResetError(104, "Connection reset by peer"), True),
+        (EncodeError("cannot serialize"), False),
+    ],
+    ids=["broker-unreachable", "connection-reset", "not-a-broker-error"],
+)
+def test_a_retry_that_cannot_be_published_requeues_only_when_the_broker_is_unreachable(
+    task: Any, monkeypatch: pytest.MonkeyPatch, publish_error: Exception, requeue: bool
+) -> None:
+    def unpublishable(*_: Any, **__: Any) -> None:
+        raise publish_error
+
+    monkeypatch.setattr(Signature, "apply_async", unpublishable)
+    in_worker(task, id="t1", retries=0, is_eager=False)
+
+    with pytest.raises(Reject) as raised:
+        task.retry(exc=ConnectionError("reset"), countdown=1)
+
+    assert raised.value.requeue is requeue
+    assert raised.value.reason is publish_error

@@ -49,11 +49,21 @@ def test_soft_limit_runs_the_cleanup_hook_once_and_the_limit_stands(
     seen: list[BaseException] = []
     task = soft_limited(app, base, seen.append)
 
+    result = task.apply()  # through Celery's tracer, as in a worker
+
+    assert isinstance(result.result, SoftTimeLimitExceeded)
+    assert len(seen) == 1
+    assert isinstance(seen[0], SoftTimeLimitExceeded)
+
+
+def test_a_task_called_as_a_function_runs_no_hook(app: Celery) -> None:
+    seen: list[BaseException] = []
+    task = soft_limited(app, ResilientTask, seen.append)
+
     with pytest.raises(SoftTimeLimitExceeded):
         task()
 
-    assert len(seen) == 1
-    assert isinstance(seen[0], SoftTimeLimitExceeded)
+    assert seen == []
 
 
 def test_a_cleanup_hook_that_raises_is_logged_and_does_not_hide_the_limit(
@@ -64,8 +74,10 @@ def test_a_cleanup_hook_that_raises_is_logged_and_does_not_hide_the_limit(
 
     task = soft_limited(app, ResilientTask, broken)
 
-    with caplog.at_level(logging.ERROR), pytest.raises(SoftTimeLimitExceeded):
-        task()
+    with caplog.at_level(logging.ERROR):
+        result = task.apply()
+
+    assert isinstance(result.result, SoftTimeLimitExceeded)
 
     assert "on_soft_time_limit of tl.export" in caplog.text
     assert "OSError: disk gone" in caplog.text

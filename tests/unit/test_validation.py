@@ -215,11 +215,27 @@ def test_without_a_policy_celerys_max_retries_is_kept(app: Celery) -> None:
     assert task.max_retries == 7
 
 
-def test_failure_hooks_after_retry_mixin_is_refused_because_they_would_miss_decisions() -> None:
-    with pytest.raises(ConfigurationError, match=r"list FailureHooksMixin first"):
+@pytest.mark.parametrize(
+    "bases", [(RetryMixin, FailureHooksMixin, Task), (FailureHooksMixin, RetryMixin, Task)]
+)
+def test_failure_hooks_see_the_retry_decision_whatever_the_order_of_the_mixins(
+    app: Celery, bases: tuple[type, ...]
+) -> None:
+    given_up: list[str | None] = []
 
-        class Late(RetryMixin, FailureHooksMixin, Task):  # type: ignore[misc]
-            pass
+    class Hooked(*bases):  # type: ignore[misc]
+        retry_policy = RetryPolicy(retry_on=(ConnectionError,), max_attempts=1)
+
+        def on_give_up(self, details: Any) -> None:
+            given_up.append(details.reason)
+
+    @app.task(base=Hooked, name=f"hooked.{bases[0].__name__}", shared=False)
+    def flaky() -> None:
+        raise ConnectionError("down")
+
+    flaky.apply()
+
+    assert given_up == ["retries_exhausted"]
 
 
 @pytest.mark.parametrize("mixin", [DeadLetterMixin, TimeLimitMixin, FailureHooksMixin])

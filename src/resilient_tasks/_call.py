@@ -1,0 +1,116 @@
+"""The one ``__call__`` every mixin of the library shares: what happens around a task's body.
+
+Each mixin contributes a step (a method below, a no-op here) instead of a ``__call__`` layer of
+its own, so a task built on any combination of them pays for one call frame whatever the order
+of its bases, and the steps always run in the same order:
+
+1. ``_rt_bind`` (:class:`~resilient_tasks.ObservabilityMixin`): the task's identity in
+   structlog's contextvars, undone by ``_rt_unbind``;
+2. the body; then, if it raised (``Retry``, ``Ignore`` and ``Reject`` are Celery's control flow,
+   not failures):
+3. ``_rt_soft_time_limit`` (:class:`~resilient_tasks.TimeLimitMixin`): cleanup when the soft
+   limit struck;
+4. ``_rt_settle`` (:class:`~resilient_tasks.RetryMixin`): the policy's decision; a retry is
+   scheduled through ``Task.retry`` (which raises ``Retry``), a terminal failure is marked with
+   its reason;
+5. ``_rt_retried`` or ``_rt_gave_up`` (:class:`~resilient_tasks.FailureHooksMixin`): the hooks.
+
+Under the worker's tracer the body is called as Celery calls a task without a ``__call__`` of its
+own: ``self.run`` with the request the tracer pushed. ``Task.__call__`` (which pushes a second
+copy of the request) runs only when the task is called as a function, or when a base class
+further along the MRO has a ``__call__`` of its own, which is then called as before.
+"""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from celery import Task
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
+
+if TYPE_CHECKING:
+    from celery import Task as _TaskBase
+else:
+    _TaskBase = object
+
+#: When the running attempt started (``time.time()``), for the history and the deadline.
+attempt_started: ContextVar[float | None] = ContextVar(
+    "resilient_tasks_attempt_started", default=None
+)
+# Celery's control-flow exceptions: never a failure.
+_CONTROL = (Ignore, Reject)
+
+
+def _next_call_is_celerys(cls: type) -> bool:
+    """Whether the first ``__call__`` after :class:`StepsMixin` in ``cls``'s MRO is
+    ``celery.Task``'s own (so the body can be called directly under the tracer)."""
+    mro = cls.__mro__
+    for klass in mro[mro.index(StepsMixin) + 1 :]:
+        if "__call__" in klass.__dict__:
+            return klass is Task
+    return False
+
+
+class StepsMixin(_TaskBase):  # type: ignore[misc]
+    """The shared ``__call__`` (see the module docstring); the base of every library mixin."""
+
+    _rt_run_directly = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._rt_run_directly = _next_call_is_celerys(cls)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if request.called_directly:  # a plain function call: Celery's own, nothing else
+            return super().__call__(*args, **kwargs)
+        binding = self._rt_bind(request)
+        token = attempt_started.set(time.time())
+        try:
+            if self._rt_run_directly:
+                return self.run(*args, **kwargs)
+            return super().__call__(*args, **kwargs)
+        except Retry as retry:  # the body called self.retry() itself
+            if isinstance(retry.exc, SoftTimeLimitExceeded):
+                self._rt_soft_time_limit(retry.exc)
+            self._rt_retried(retry)
+            raise
+        except _CONTROL:
+            raise
+        except Exception as exc:
+            if isinstance(exc, SoftTimeLimitExceeded):
+                self._rt_soft_time_limit(exc)
+            try:
+                self._rt_settle(exc)
+            except Retry as retry:
+                self._rt_retried(retry)
+                raise
+            self._rt_gave_up(exc)
+            raise
+        finally:
+            attempt_started.reset(token)
+            if binding is not None:
+                self._rt_unbind(binding)
+
+    # -- the steps (no-ops here; each mixin overrides its own) ----------------------------------
+
+    def _rt_bind(self, request: Any) -> Any:
+        """Bind what the call should carry; return what :meth:`_rt_unbind` needs, or None."""
+        return None
+
+    def _rt_unbind(self, binding: Any) -> None:
+        """Undo :meth:`_rt_bind`."""
+
+    def _rt_soft_time_limit(self, exc: SoftTimeLimitExceeded) -> None:
+        """The soft time limit struck during the body."""
+
+    def _rt_settle(self, exc: Exception) -> None:
+        """Decide what ``exc`` leads to: raise ``Retry`` for a retry, or return (terminal)."""
+
+    def _rt_retried(self, retry: Retry) -> None:
+        """A retry was scheduled."""
+
+    def _rt_gave_up(self, exc: Exception) -> None:
+        """``exc`` ends the task: no retry follows."""

@@ -77,8 +77,7 @@ def _errors(letters: DeadLetters) -> Iterator[None]:
         yield
     except ReplayError as exc:
         raise click.ClickException(
-            f"{exc}\nReplayed {exc.report.replayed} before that; the rest stay in the "
-            "dead-letter queue."
+            f"{exc}\nReplayed {exc.report.replayed}; the others stay in the dead-letter queue."
         ) from exc
     except broker_errors as exc:
         raise click.ClickException(f"broker error: {exc}") from exc

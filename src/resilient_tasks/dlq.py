@@ -16,7 +16,9 @@ Nothing is lost, whatever happens mid-way:
   receive is an error, not a silent drop), and only once the broker has it is the dead letter
   removed. A crash in between leaves the message in both places, never in neither; a crash
   before it leaves it in the dead-letter queue (unacknowledged messages return when the
-  connection dies).
+  connection dies). On RabbitMQ the messages stream in (``basic_consume``) and the publishes
+  are pipelined: up to 200 go out before their confirms are awaited together, so a crash may
+  leave that many in both places.
 * **Only what matches is touched.** Filters (task name, task id, reason, a limit) select; every
   other message stays as it was. Each operation works on the messages the queue held when it
   started, so a replayed task that fails again is not replayed twice in one run.
@@ -31,6 +33,7 @@ import json
 import os
 import shutil
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -38,6 +41,9 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from amqp.exceptions import MessageNacked
+from kombu.entity import Queue
+from kombu.messaging import Consumer, Producer
 from kombu.transport.virtual import Channel as VirtualChannel
 
 from .deadletter import PUBLISH_RETRY_POLICY, confirmed_producer
@@ -86,6 +92,8 @@ _DROPPED_HEADER_PREFIXES = ("x-death", "x-first-death", "x-last-death")
 # Message properties a replay carries over (besides content type, encoding and headers).
 _REPLAYED_PROPERTIES = ("correlation_id", "reply_to", "message_id", "type", "app_id")
 _PERSISTENT = 2
+# AMQP's prefetch count is a short; 0 is no limit.
+_MAX_PREFETCH = 0xFFFF
 
 
 @dataclass(frozen=True)
@@ -290,9 +298,11 @@ class PurgeReport:
 class ReplayError(Exception):
     """A replay stopped because a message could not be published.
 
-    The dead letter being published stays in its queue, and so does everything after it;
-    ``report`` says what was replayed before, ``letter`` is the one that failed. The cause
-    (a nack, an unroutable destination, a lost connection) is ``__cause__``.
+    The dead letter being published stays in its queue, and so does everything not published
+    yet; ``report`` says what was replayed, ``letter`` is the one that failed. The cause (a
+    nack, an unroutable destination, a lost connection) is ``__cause__``. On RabbitMQ, where
+    publishes go out in batches, the others of its batch the broker confirmed are replayed
+    (and counted in ``report``); any it did not confirm stay too.
 
     Example::
 
@@ -450,6 +460,41 @@ class _BasicGetReader(_Reader):
             self.channel.close()
 
 
+class _ConsumingReader(_BasicGetReader):
+    """AMQP, for replay: the same, but the broker streams the messages (``basic_consume``)
+    instead of handing them out one round-trip at a time (``basic_get``).
+
+    The prefetch is the number of messages the queue held when reading began (unlimited above
+    AMQP's 65535), so the messages left in place unacknowledged (skipped, refused, waiting for a
+    confirm) never stop the broker from delivering the rest. If nothing arrives for
+    ``IDLE`` seconds and the queue holds no ready message, another consumer took the rest:
+    reading ends, as ``basic_get`` finding the queue empty would end it.
+    """
+
+    IDLE = 1.0
+
+    def messages(self) -> Iterator[_Message]:
+        count = self.count()
+        if not count:
+            return
+        arrived: deque[Any] = deque()
+        Consumer(
+            self.channel,
+            [Queue(self.queue, no_declare=True)],  # type: ignore[no-untyped-call]
+            on_message=arrived.append,
+            prefetch_count=count if count <= _MAX_PREFETCH else 0,
+        ).consume()
+        for _ in range(count):
+            while not arrived:
+                try:
+                    self.connection.drain_events(timeout=self.IDLE)
+                except TimeoutError:
+                    if not self.count():
+                        return
+            message = arrived.popleft()
+            yield _from_kombu(message, message)
+
+
 class _RedisReader(_Reader):
     """Kombu's Redis transport: the queue is a list (one per priority step), read in place with
     ``LRANGE`` from the consuming end and removed by value with ``LREM``, so a message never
@@ -546,12 +591,15 @@ def _parse_payload(channel: Any, raw: bytes | str, token: Any) -> _Message | Non
         return None
 
 
-def _reader(connection: Any, queue: str) -> _Reader:
+def _reader(connection: Any, queue: str, *, stream: bool = False) -> _Reader:
+    """The reader of ``queue``; ``stream``: to read it all through (replay), not to look."""
     driver = connection.transport.driver_type
     if driver == "redis":
         return _RedisReader(connection, queue)
     if driver == "filesystem":
         return _FolderReader(connection, queue)
+    if stream and driver == "amqp":
+        return _ConsumingReader(connection, queue)
     return _BasicGetReader(connection, queue)
 
 
@@ -712,6 +760,32 @@ def _outgoing(letter: DeadLetter, to_queue: str | None) -> _Outgoing | None:
     )
 
 
+def _publish_arguments(message: _Outgoing) -> dict[str, Any]:
+    """What :meth:`kombu.Producer.publish` is given for ``message``: ``mandatory`` makes an AMQP
+    broker return a message no queue would receive (before its confirm)."""
+    return {
+        "body": message.body,
+        "exchange": message.exchange,
+        "routing_key": message.routing_key,
+        "content_type": message.content_type,
+        "content_encoding": message.content_encoding,
+        "headers": message.headers,
+        "delivery_mode": message.delivery_mode,
+        "mandatory": True,
+        **({"priority": message.priority} if message.priority is not None else {}),
+        **message.properties,
+    }
+
+
+def _unroutable(message: _Outgoing, returned: BaseException) -> _Unroutable:
+    error = _Unroutable(
+        f"the broker returned it: no queue is bound to exchange {message.exchange!r} "
+        f"with routing key {message.routing_key!r} ({returned})"
+    )
+    error.__cause__ = returned
+    return error
+
+
 def _publish(producer: Any, message: _Outgoing) -> None:
     """Publish and wait for the broker's confirm; raise if no queue would receive it."""
     channel = producer.channel
@@ -730,33 +804,171 @@ def _publish(producer: Any, message: _Outgoing) -> None:
     def on_return(exc: BaseException, *_: Any) -> None:
         returned.append(exc)
 
-    # AMQP: ``mandatory`` makes the broker return an unroutable message (before its confirm).
     events = getattr(channel, "events", None)
     if events is not None:
         events["basic_return"].add(on_return)
     try:
         producer.publish(
-            message.body,
-            exchange=message.exchange,
-            routing_key=message.routing_key,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            headers=message.headers,
-            delivery_mode=message.delivery_mode,
-            mandatory=True,
-            retry=True,
-            retry_policy=dict(PUBLISH_RETRY_POLICY),
-            **({"priority": message.priority} if message.priority is not None else {}),
-            **message.properties,
+            **_publish_arguments(message), retry=True, retry_policy=dict(PUBLISH_RETRY_POLICY)
         )
     finally:
         if events is not None:
             events["basic_return"].discard(on_return)
     if returned:
-        raise _Unroutable(
-            f"the broker returned it: no queue is bound to exchange {message.exchange!r} "
-            f"with routing key {message.routing_key!r} ({returned[0]})"
-        ) from returned[0]
+        raise _unroutable(message, returned[0])
+
+
+class _NotReplayed(Exception):
+    """The publish of ``letter`` failed (``cause`` says how); it stays in its queue."""
+
+    def __init__(self, letter: DeadLetter, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.letter = letter
+        self.cause = cause
+
+
+class _Publisher(ABC):
+    """Replay's publishing: ``publish()`` sends a message and calls ``done`` once the broker has
+    it (there and then, or at a later ``publish()`` or ``flush()``); ``flush()`` returns once
+    every message sent has been settled. A publish that fails raises :class:`_NotReplayed` for
+    it; every other message the broker confirmed meanwhile has had its ``done`` called."""
+
+    @abstractmethod
+    def publish(self, letter: DeadLetter, message: _Outgoing, done: Callable[[], None]) -> None:
+        """Publish ``message`` (the replay of ``letter``); ``done`` once the broker has it."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Wait until every message published is confirmed or has failed."""
+
+
+class _OneByOne(_Publisher):
+    """Kombu's producer with publisher confirms where the broker has them: each publish waits
+    for its own confirm. For Kombu's virtual transports (Redis, filesystem), where a publish is
+    complete when it returns."""
+
+    def __init__(self, producer: Any) -> None:
+        self.producer = producer
+
+    def publish(self, letter: DeadLetter, message: _Outgoing, done: Callable[[], None]) -> None:
+        try:
+            _publish(self.producer, message)
+        except Exception as exc:
+            raise _NotReplayed(letter, exc) from exc
+        done()
+
+    def flush(self) -> None:
+        """Nothing is in flight."""
+
+
+@dataclass(eq=False)
+class _InFlight:
+    letter: DeadLetter
+    message: _Outgoing
+    done: Callable[[], None]
+    #: Why the broker does not have it: returned, nacked, or the channel broke first.
+    failure: BaseException | None = None
+
+
+class _Pipelined(_Publisher):
+    """py-amqp: a channel in confirm mode, published to without waiting; the confirms of up to
+    ``BATCH`` messages are then awaited together.
+
+    The broker numbers the publishes of a confirm-mode channel 1, 2, ... and acks or nacks each
+    (``multiple``: every one up to that number); an unroutable ``mandatory`` message comes back
+    (``basic.return``) before its ack. A message counts as published once acked and not
+    returned; a nack, a return, or a channel or connection that breaks before the confirm
+    leaves it in its queue.
+
+    Publishing to an exchange that does not exist would close the channel, and the confirms of
+    every message in flight would be lost with it: each exchange is looked up once, first.
+    """
+
+    BATCH = 200
+    #: Seconds without a frame from the broker before the batch counts as unconfirmed.
+    CONFIRM_TIMEOUT = 30.0
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        channel = connection.channel()
+        channel.confirm_select()
+        channel.events["basic_ack"].add(self._on_ack)
+        channel.events["basic_nack"].add(self._on_nack)
+        channel.events["basic_return"].add(self._on_return)
+        self.producer = Producer(channel)  # type: ignore[no-untyped-call]
+        self.sent = 0  # the number the broker gives the next publish, less one
+        self.batch: dict[int, _InFlight] = {}  # the unsettled ones, by number
+        self.unconfirmed: dict[int, _InFlight] = {}
+        self.exchanges = {""}  # the default exchange is always there
+
+    def publish(self, letter: DeadLetter, message: _Outgoing, done: Callable[[], None]) -> None:
+        if message.exchange not in self.exchanges:
+            self._look_up(letter, message.exchange)
+        self.sent += 1
+        self.batch[self.sent] = self.unconfirmed[self.sent] = _InFlight(letter, message, done)
+        try:
+            self.producer.publish(**_publish_arguments(message))  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            self._settle(exc)  # raises: this one, at least, the broker has not
+        if len(self.batch) >= self.BATCH:
+            self.flush()
+
+    def _look_up(self, letter: DeadLetter, exchange: str) -> None:
+        probe = self.connection.channel()  # a 404 closes the channel it happens on
+        try:
+            probe.exchange_declare(exchange, "direct", passive=True)
+        except self.connection.channel_errors as exc:
+            self.flush()  # what was published before it stands
+            raise _NotReplayed(letter, exc) from exc
+        finally:
+            with suppress(Exception):
+                probe.close()
+        self.exchanges.add(exchange)
+
+    def flush(self) -> None:
+        try:
+            while self.unconfirmed:  # a broker that stops answering fails the batch
+                self.connection.drain_events(timeout=self.CONFIRM_TIMEOUT)
+        except Exception as exc:  # the channel or the connection broke
+            self._settle(exc)  # raises: some were never confirmed
+        self._settle(None)
+
+    def _settle(self, broken: BaseException | None) -> None:
+        """Call ``done`` for every message the broker has, in order; then raise for the first
+        one it has not. ``broken``: why the unconfirmed ones never will be."""
+        for flight in self.unconfirmed.values():
+            flight.failure = flight.failure or broken
+        batch, self.batch, self.unconfirmed = self.batch, {}, {}
+        failed = [(f.letter, cause) for f in batch.values() if (cause := f.failure) is not None]
+        for flight in batch.values():
+            if flight.failure is None:
+                flight.done()
+        if failed:
+            letter, cause = failed[0]
+            raise _NotReplayed(letter, cause) from cause
+
+    def _confirmed(self, number: int, multiple: bool) -> list[_InFlight]:
+        numbers = [n for n in self.unconfirmed if n <= number] if multiple else [number]
+        return [self.unconfirmed.pop(n) for n in numbers if n in self.unconfirmed]
+
+    def _on_ack(self, number: int, multiple: bool) -> None:
+        self._confirmed(number, multiple)
+
+    def _on_nack(self, number: int, multiple: bool) -> None:
+        for flight in self._confirmed(number, multiple):
+            flight.failure = flight.failure or MessageNacked("the broker nacked the publish")
+
+    def _on_return(self, exc: BaseException, exchange: str, routing_key: str, raw: Any) -> None:
+        # Which publish it was is told by its contents alone: every unconfirmed one it could be
+        # stays in its queue (identical messages to one destination route alike anyway).
+        body = raw.body
+        if isinstance(body, str):  # py-amqp decodes a body with its content encoding
+            body = body.encode(raw.properties.get("content_encoding") or "utf-8")
+        returned = (exchange, routing_key, body)
+        for flight in self.unconfirmed.values():
+            message = flight.message
+            if (message.exchange, message.routing_key, message.body) == returned:
+                flight.failure = _unroutable(message, exc)
 
 
 # --- the API --------------------------------------------------------------------------------
@@ -831,25 +1043,30 @@ class DeadLetters:
         """
         total = 0
         for queue in self.queues:
-            with self.app.connection_for_read() as connection:
-                reader = _reader(connection, queue)
-                try:
-                    total += reader.count()
-                finally:
-                    reader.close()
+            with self._reading(queue) as reader:
+                total += reader.count()
         return total
+
+    @contextmanager
+    def _reading(self, queue: str, *, stream: bool = False) -> Iterator[_Reader]:
+        with self.app.connection_for_read() as connection:
+            reader = _reader(connection, queue, stream=stream)
+            try:
+                yield reader
+            finally:
+                reader.close()
+
+    def _letters(self, queue: str, reader: _Reader) -> Iterator[tuple[_Message, DeadLetter]]:
+        for message in reader.messages():
+            letter = _letter(queue, message, self.redact_patterns)
+            if letter is not None:
+                yield message, letter
 
     def _walk(self) -> Generator[tuple[_Reader, _Message, DeadLetter], None, None]:
         for queue in self.queues:
-            with self.app.connection_for_read() as connection:
-                reader = _reader(connection, queue)
-                try:
-                    for message in reader.messages():
-                        letter = _letter(queue, message, self.redact_patterns)
-                        if letter is not None:
-                            yield reader, message, letter
-                finally:
-                    reader.close()
+            with self._reading(queue) as reader:
+                for message, letter in self._letters(queue, reader):
+                    yield reader, message, letter
 
     def list(
         self,
@@ -919,6 +1136,8 @@ class DeadLetters:
 
         The dead letter is removed only once the broker has confirmed the publish. A
         destination no queue is bound to is an error (:class:`ReplayError`): the message stays.
+        On RabbitMQ up to 200 publishes go out before their confirms are awaited together, so
+        ``progress`` hears of replayed dead letters a batch at a time.
 
         ``dry_run``: publish nothing, remove nothing; the report counts what would be replayed.
         ``allow_pickle``: pickle-serialised messages are refused (left in place, counted in
@@ -944,44 +1163,67 @@ class DeadLetters:
             if progress is not None:
                 progress(letter, outcome)
 
-        with self._producer(dry_run) as producer, closing(self._walk()) as walk:
-            for reader, message, letter in walk:
-                counts["examined"] += 1
-                if not match(letter):
-                    tell(letter, "skipped")
-                    continue
-                counts["matched"] += 1
-                outgoing = _outgoing(letter, to_queue)
-                if outgoing is None or (letter.pickled and not allow_pickle):
-                    counts["refused"] += 1
-                    tell(letter, "refused")
-                elif dry_run:
-                    counts["replayed"] += 1
-                    tell(letter, "would_replay")
-                else:
-                    try:
-                        _publish(producer, outgoing)
-                    except Exception as exc:
-                        raise ReplayError(
-                            f"could not replay {letter.task_name}[{letter.id}] from "
-                            f"{letter.queue}: {exc}",
-                            report(),
-                            letter,
-                        ) from exc
-                    reader.remove(message)
-                    counts["replayed"] += 1
-                    tell(letter, "replayed")
-                if limit is not None and counts["matched"] >= limit:
-                    break
+        def limited() -> bool:
+            return limit is not None and counts["matched"] >= limit
+
+        def replayed(reader: _Reader, message: _Message, letter: DeadLetter) -> Callable[[], None]:
+            def done() -> None:  # the broker has it: the dead letter goes
+                reader.remove(message)
+                counts["replayed"] += 1
+                tell(letter, "replayed")
+
+            return done
+
+        try:
+            with self._publisher(dry_run) as publisher:
+                for queue in self.queues:
+                    if limited():
+                        break
+                    with self._reading(queue, stream=True) as reader:
+                        for message, letter in self._letters(queue, reader):
+                            counts["examined"] += 1
+                            if not match(letter):
+                                tell(letter, "skipped")
+                                continue
+                            counts["matched"] += 1
+                            outgoing = _outgoing(letter, to_queue)
+                            if outgoing is None or (letter.pickled and not allow_pickle):
+                                counts["refused"] += 1
+                                tell(letter, "refused")
+                            elif publisher is None:
+                                counts["replayed"] += 1
+                                tell(letter, "would_replay")
+                            else:
+                                publisher.publish(
+                                    letter, outgoing, replayed(reader, message, letter)
+                                )
+                            if limited():
+                                break
+                        if publisher is not None:
+                            publisher.flush()  # while the reader can still remove them
+        except _NotReplayed as failure:
+            letter = failure.letter
+            raise ReplayError(
+                f"could not replay {letter.task_name}[{letter.id}] from {letter.queue}: {failure}",
+                report(),
+                letter,
+            ) from failure.cause
         return report()
 
     @contextmanager
-    def _producer(self, dry_run: bool) -> Iterator[Any]:
+    def _publisher(self, dry_run: bool) -> Iterator[_Publisher | None]:
+        """Nothing for a dry run; on py-amqp, a connection of its own publishing in batches
+        (confirms are then the replay's own, whatever ``broker_transport_options`` say);
+        elsewhere the shared confirmed producer, one publish at a time."""
         if dry_run:
             yield None
             return
+        with self.app.connection_for_write(transport_options={"confirm_publish": False}) as conn:
+            if conn.transport.driver_name == "py-amqp":
+                yield _Pipelined(conn)
+                return
         with confirmed_producer(self.app) as producer:
-            yield producer
+            yield _OneByOne(producer)
 
     def purge(
         self,

@@ -398,6 +398,80 @@ def test_replay_to_a_queue_that_does_not_exist_fails_and_keeps_the_dead_letter(
     assert ids_of(tools.letters().list()) == [task_id]
 
 
+def test_replay_stops_at_a_missing_exchange_keeping_it_and_what_follows(tools: Tools) -> None:
+    def nowhere(envelope: dict[str, Any]) -> None:
+        envelope["task"]["exchange"] = f"{tools.broker.prefix}-nowhere"
+
+    before = bury(tools, "tools.export", count=2)
+    time.sleep(0.01)  # the filesystem transport orders messages by the millisecond
+    (stuck,) = bury(tools, "tools.export", edit=nowhere)
+    time.sleep(0.01)
+    after = bury(tools, "tools.export", count=2)
+
+    with pytest.raises(ReplayError) as raised:
+        tools.letters().replay()
+
+    assert raised.value.letter.id == stuck
+    assert raised.value.report.replayed == 2
+    first, *rest = ids_of(tools.letters().list())
+    assert (first, sorted(rest)) == (stuck, sorted(after))
+    assert sorted(m.headers["id"] for m in tools.take_all(tools.queue)) == sorted(before)
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_replay_keeps_a_returned_message_and_replays_the_rest_published_with_it(
+    tools: Tools,
+) -> None:
+    def unbound(envelope: dict[str, Any]) -> None:
+        envelope["task"]["routing_key"] = f"{tools.broker.prefix}-missing"
+
+    before = bury(tools, "tools.export", count=2)
+    (returned,) = bury(tools, "tools.export", edit=unbound)
+    after = bury(tools, "tools.export", count=2)
+
+    with pytest.raises(ReplayError) as raised:
+        tools.letters().replay()
+
+    assert raised.value.letter.id == returned
+    assert "no queue is bound" in str(raised.value)
+    assert raised.value.report.replayed == 4
+    assert ids_of(tools.letters().list()) == [returned]
+    replayed = sorted(m.headers["id"] for m in tools.take_all(tools.queue))
+    assert replayed == sorted(before + after)
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_replay_keeps_what_the_broker_nacks_and_replays_the_rest(tools: Tools) -> None:
+    full = tools.broker.queue_name("full")
+    tools.workers.queues.add(full)
+    overflow = {"x-max-length": 2, "x-overflow": "reject-publish"}  # nacks the third publish on
+    with tools.client.connection_for_write() as conn:
+        Queue(full, durable=True, queue_arguments=overflow, channel=conn.default_channel).declare()
+    ids = bury(tools, "tools.export", count=4)
+
+    with pytest.raises(ReplayError) as raised:
+        tools.letters().replay(to_queue=full)
+
+    assert raised.value.letter.id == ids[2]
+    assert "nacked" in str(raised.value)
+    assert raised.value.report.replayed == 2
+    assert ids_of(tools.letters().list()) == ids[2:]
+    assert [m.headers["id"] for m in tools.take_all(full)] == ids[:2]
+
+
+def test_replay_gets_past_more_dead_letters_left_in_place_than_it_publishes_at_once(
+    tools: Tools,
+) -> None:
+    kept = bury(tools, "tools.login", count=250)
+    exports = bury(tools, "tools.export", count=3)
+
+    report = tools.letters().replay(task="tools.export")
+
+    assert (report.examined, report.matched, report.replayed) == (253, 3, 3)
+    assert sorted(m.headers["id"] for m in tools.take_all(tools.queue)) == sorted(exports)
+    assert sorted(ids_of(tools.letters().list())) == sorted(kept)
+
+
 # --- purge ----------------------------------------------------------------------------------
 
 

@@ -106,6 +106,9 @@ def throughput(sites: dict[str, workload.Site], args: argparse.Namespace) -> dic
                 entry[label] = workload.success(site, task, args.tasks, events=with_events)
                 say(f"{kind} round {round_ + 1}: {label} {entry[label]['per_second']:,.0f}/s")
             entry["plain_failing"] = workload.success(site, "bench.plain_failing", args.tasks)
+            entry["failing_no_dlq"] = workload.success(
+                site, "bench.failing_no_dlq", args.tasks, events=events
+            )
             failing, replayed = workload.failure(
                 site, args.tasks, replay=not args.no_replay, events=events
             )
@@ -115,7 +118,9 @@ def throughput(sites: dict[str, workload.Site], args: argparse.Namespace) -> dic
             say(
                 f"{kind} round {round_ + 1}: ratio "
                 f"{entry['resilient']['per_second'] / entry['plain']['per_second']:.3f}, "
-                f"Celery failures {entry['plain_failing']['per_second']:,.0f}/s, dead-lettered "
+                f"Celery failures {entry['plain_failing']['per_second']:,.0f}/s, resilient "
+                f"failures without dead-lettering {entry['failing_no_dlq']['per_second']:,.0f}/s, "
+                "dead-lettered "
                 f"{failing['per_second']:,.0f}/s, replay "
                 f"{(replayed or {}).get('per_second', 0):,.0f}/s"
             )

@@ -120,6 +120,19 @@ def failing(n: int) -> None:
     raise Permanent(LookupError(f"record {n} is gone"))
 
 
+@app.task(
+    base=ResilientTask,
+    name="bench.failing_no_dlq",
+    ignore_result=True,
+    retry_policy=POLICY,
+    dead_letter=False,
+)
+def failing_no_dlq(n: int) -> None:
+    """The same failure with dead-lettering off: what the rest of the library costs on it."""
+    tick()
+    raise Permanent(LookupError(f"record {n} is gone"))
+
+
 @app.task(base=ResilientTask, name="bench.storm", ignore_result=True, retry_policy=IN_AN_HOUR)
 def storm(n: int) -> None:
     tick()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -386,8 +387,10 @@ def _on_failure(
     described = _Described(_request_of(sender, task_id), sender, task_id)
     reason = None
     if exception is not None:
-        marked = _reason.reason_of(exception)
-        reason = marked if marked != "exception" else unretried_reason(exception)
+        # Celery sends a stand-in for an exception it cannot pickle; the one the task raised,
+        # which carries the reason, is still being handled in the pool child.
+        marked = _reason.recorded(exception) or _reason.recorded(sys.exc_info()[1] or exception)
+        reason = marked or unretried_reason(exception)
     described.record("task_failed", reason=reason, **_exception(exception))
 
 

@@ -339,6 +339,29 @@ def test_a_failure_carries_its_reason(events: CapturedEvents) -> None:
     assert failed["log_level"] == "error"
 
 
+class Unpicklable(ConnectionError):
+    """An exception Celery cannot pickle (its __init__ takes two arguments): it sends a stand-in."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+
+
+@app.task(
+    base=ResilientTask,
+    name="obs.unpicklable",
+    retry_policy=RetryPolicy(retry_on=(ConnectionError,), max_attempts=1),
+)
+def unpicklable() -> None:
+    raise Unpicklable(503, "unavailable")
+
+
+def test_a_failure_celery_cannot_pickle_keeps_its_reason(events: CapturedEvents) -> None:
+    unpicklable.apply(task_id="stand-in-1")
+
+    (failed,) = events.named("task_failed")
+    assert failed["reason"] == "retries_exhausted"
+
+
 def test_a_revoked_task_says_whether_it_expired(events: CapturedEvents) -> None:
     signals.task_revoked.send(
         sender=add, request=Context(id="r-1", task="obs.add"), expired=True, terminated=False

@@ -53,6 +53,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--inprocess-repeats", type=int, default=15)
     parser.add_argument("--loglevel", default="WARNING", help="the workers' --loglevel")
     parser.add_argument("--no-replay", action="store_true")
+    parser.add_argument(
+        "--success-only",
+        action="store_true",
+        help="only the success variants (for a longer, steadier ratio: --tasks 20000 --rounds 9)",
+    )
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--py-spy-tasks", type=int, default=5000, help="0 skips py-spy")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
@@ -105,6 +110,13 @@ def throughput(sites: dict[str, workload.Site], args: argparse.Namespace) -> dic
             for label, task, with_events in order:
                 entry[label] = workload.success(site, task, args.tasks, events=with_events)
                 say(f"{kind} round {round_ + 1}: {label} {entry[label]['per_second']:,.0f}/s")
+            if args.success_only:
+                say(
+                    f"{kind} round {round_ + 1}: ratio "
+                    f"{entry['resilient']['per_second'] / entry['plain']['per_second']:.3f}"
+                )
+                results[kind].append(entry)
+                continue
             entry["plain_failing"] = workload.success(site, "bench.plain_failing", args.tasks)
             entry["failing_no_dlq"] = workload.success(
                 site, "bench.failing_no_dlq", args.tasks, events=events
@@ -148,10 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         },
         "profile": {},
     }
-    say(f"in-process: {args.inprocess_iterations} calls x {args.inprocess_repeats} repeats")
-    raw["inprocess"] = inprocess.measure(args.inprocess_iterations, args.inprocess_repeats)
-    say(f"in-process: library hooks {raw['inprocess']['library_overhead_us']:.1f} us per task")
-    if not args.no_profile:
+    if not args.success_only:
+        say(f"in-process: {args.inprocess_iterations} calls x {args.inprocess_repeats} repeats")
+        raw["inprocess"] = inprocess.measure(args.inprocess_iterations, args.inprocess_repeats)
+        say(f"in-process: library hooks {raw['inprocess']['library_overhead_us']:.1f} us per task")
+    if not args.no_profile and not args.success_only:
         raw["profile"]["attribution"] = profiling.attribute_inprocess()
         raw["profile"]["pyinstrument"] = profiling.pyinstrument_inprocess(RESULTS)
     sites, raw["skipped"] = workload.available([b for b in args.brokers.split(",") if b])
@@ -159,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         raw["throughput"] = throughput(sites, args)
         raw["storm"] = {}
         for kind, site in sites.items():
-            if args.storm_tasks:
+            if args.storm_tasks and not args.success_only:
                 say(f"{kind}: retry storm of {args.storm_tasks} tasks")
                 raw["storm"][kind] = _guarded(
                     workload.retry_storm, site, args.storm_tasks, 500, args.storm_hold_timeout
@@ -169,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                         workload.retry_storm, site, args.storm_tasks, 500,
                         args.storm_hold_timeout, 20, "bench.plain_storm",
                     )  # fmt: skip
-        if not args.no_profile and args.py_spy_tasks:
+        if not args.no_profile and args.py_spy_tasks and not args.success_only:
             # One broker is enough to see where a worker spends its time.
             for kind, site in list(sites.items())[:1]:
                 for task in ("bench.resilient", "bench.failing"):

@@ -36,6 +36,7 @@ def mixed(self: Task, n: int, kind: str, log: str) -> int:
     """``ok`` succeeds; ``permanent`` gives up at once; ``transient`` raises ConnectionError on
     its first one (even ``n``) or two (odd ``n``) attempts, then succeeds. Each attempt works
     for 10 ms first, so that a killed pool child is often in the middle of one."""
+    append(log, id=self.request.id, role="started", retries=self.request.retries)
     time.sleep(0.01)
     attempt = self.request.retries + 1
     if kind == "permanent":

@@ -54,6 +54,8 @@ class Ledger:
     sent: dict[str, tuple[int, str]] = field(default_factory=dict)
     envelopes: list[dict[str, Any]] = field(default_factory=list)
     done: Counter[str] = field(default_factory=Counter)
+    #: The tasks whose body started at least once (so that reached a worker's pool).
+    started: set[str] = field(default_factory=set)
     #: The attempt log the tasks write to (the first worker's, whichever worker runs them).
     log: str = ""
 
@@ -76,6 +78,7 @@ class Ledger:
             sent={i: v for i, v in self.sent.items() if i in ids},
             envelopes=[e for e in self.envelopes if e["task"]["id"] in ids],
             done=Counter({i: n for i, n in self.done.items() if i in ids}),
+            started=self.started & ids,
             log=self.log,
         )
 
@@ -91,12 +94,23 @@ class Ledger:
             and _BROKER_TROUBLE.search(f"{e['exception']['type']} {e['exception']['message']}")
         ]
 
-    def problems(self, *, allowed_duplicates: int = 0, outage: bool = False) -> list[str]:
+    def lost_before_delivery(self) -> set[str]:
+        """Lost tasks whose body never started: lost before they reached any worker code."""
+        return self.unsettled() - self.started
+
+    def problems(
+        self, *, allowed_duplicates: int = 0, outage: bool = False, transport_losses: bool = False
+    ) -> list[str]:
         """What breaks the accounting: lost tasks, tasks dead-lettered twice (beyond
         ``allowed_duplicates``), permanent failures not dead-lettered or succeeding, other tasks
-        dead-lettered for anything but a lost worker (or, with ``outage``, a broker outage)."""
+        dead-lettered for anything but a lost worker (or, with ``outage``, a broker outage).
+
+        ``transport_losses``: a task lost before its body ever started is not counted (it is in
+        :meth:`figures`): Kombu's Redis transport takes a message off its list (``BRPOP``)
+        before it records it as unacknowledged, so a connection cut in between loses it before
+        Celery or the library sees it (celery/kombu#305, celery/celery#4354)."""
         found = []
-        lost = self.unsettled()
+        lost = self.unsettled() - (self.lost_before_delivery() if transport_losses else set())
         if lost:
             kinds = Counter(self.sent[i][1] for i in lost)
             found.append(f"{len(lost)} lost ({dict(kinds)}), e.g. {sorted(lost)[:3]}")
@@ -136,6 +150,7 @@ class Ledger:
             "reasons": dict(reasons),
             "excused_broker_outage": len(self.excused()),
             "lost": len(self.unsettled()),
+            "lost_before_delivery": len(self.lost_before_delivery()),
         }
 
 
@@ -155,9 +170,9 @@ def collect(worker: Worker, ledger: Ledger) -> None:
     """Drain the dead-letter queue and read the successes; a broker that is away is skipped."""
     with suppress(Exception):  # the broker is away: try again at the next poll
         ledger.envelopes += worker.drain(f"{worker.queue}.dlq")
-    ledger.done = Counter(
-        a["id"] for a in read_log(Path(ledger.log)) if a.get("role") == "done" and a.get("id")
-    )
+    attempts = [a for a in read_log(Path(ledger.log)) if a.get("id")]
+    ledger.done = Counter(a["id"] for a in attempts if a.get("role") == "done")
+    ledger.started = {a["id"] for a in attempts if a.get("role") in ("started", "done")}
 
 
 def settle(
@@ -214,7 +229,8 @@ def settle_or_replace(
         return worker, took, False
     workers.stop(worker)
     worker = workers.start("apps.chaos_app", queues=worker.queues, **start)
-    return worker, took + settle(worker, ledger, timeout=timeout, among=among), True
+    rest = settle(worker, ledger, timeout=timeout, among=among, stall=max(stall, 60.0))
+    return worker, took + rest, True
 
 
 class Killer:

@@ -96,7 +96,11 @@ def test_mixed_workload_with_the_workers_broker_connection_cut_loses_nothing(
     finally:
         proxy.close()
 
-    problems = ledger.problems(allowed_duplicates=_IN_FLIGHT, outage=True)
+    # On Redis a message popped (BRPOP) whose reply dies in the cut is lost before it reaches
+    # the worker: recorded, not counted (see Ledger.problems).
+    problems = ledger.problems(
+        allowed_duplicates=_IN_FLIGHT, outage=True, transport_losses=broker.kind == "redis"
+    )
     record("worker's broker connection cut for 3 s", broker=broker.kind, seconds=took,
            stuck_worker_replaced=replaced, problems=problems, **ledger.figures())  # fmt: skip
     assert "restored" in cut

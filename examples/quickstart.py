@@ -21,16 +21,14 @@ examples/quickstart.py``.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from celery import Celery, Task, signals
+from celery import Celery, Task
 from celery.utils.log import get_task_logger
+from embedded_worker import report_ready_in, start_worker, stop_worker
 from tenacity import wait_exponential
 
 from resilient_tasks import ResilientTask, RetryAfter, RetryPolicy
@@ -39,6 +37,7 @@ from resilient_tasks.history import History
 
 # The worker subprocess imports this module too; the parent passes the folder and queue on.
 FOLDER = Path(os.environ.get("QUICKSTART_DIR") or tempfile.mkdtemp(prefix="rt-quickstart-"))
+report_ready_in(FOLDER)  # the worker imports this module too
 os.environ["QUICKSTART_DIR"] = str(FOLDER)
 QUEUE = os.environ.setdefault("QUICKSTART_QUEUE", f"quickstart-{uuid.uuid4().hex[:8]}")
 BROKER = os.environ.get("CELERY_BROKER_URL", "filesystem://localhost/")
@@ -108,40 +107,6 @@ def charge_card(self: Task, order_id: int) -> None:
     raise ConnectionError("payment gateway unreachable")
 
 
-@signals.worker_ready.connect
-def _ready(**_: object) -> None:
-    (FOLDER / "worker.ready").touch()
-
-
-def start_worker() -> subprocess.Popen[bytes]:
-    here = str(Path(__file__).resolve().parent)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])),
-    }
-    cmd = [
-        sys.executable, "-m", "celery", "--quiet", "-A", "quickstart", "worker",
-        "-P", "prefork", "-c", "2", "-Q", QUEUE, "--loglevel=INFO",
-        "--without-heartbeat", "--without-gossip", "--without-mingle",
-    ]  # fmt: skip
-    worker = subprocess.Popen(cmd, env=env, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not (FOLDER / "worker.ready").exists():
-        if worker.poll() is not None or time.monotonic() > deadline:
-            sys.exit("the worker did not start; see its output above")
-        time.sleep(0.05)
-    return worker
-
-
-def stop_worker(worker: subprocess.Popen[bytes]) -> None:
-    worker.send_signal(signal.SIGTERM)  # Celery's warm shutdown
-    try:
-        worker.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
-
-
 def show_dead_letters() -> None:
     """What gave up is in the dead-letter queue, with its story, ready to replay."""
     dead = DeadLetters(app, queues=[f"{QUEUE}.dlq"])
@@ -163,7 +128,7 @@ def main() -> None:
     print(f"broker: {BROKER}   queue: {QUEUE}")
     print(f"retry policy: up to {POLICY.max_attempts} attempts, delays {POLICY.delays(4)} s")
     print("starting a real celery worker (prefork pool)...", flush=True)
-    worker = start_worker()
+    worker = start_worker("quickstart", QUEUE, FOLDER)
     try:
         started = time.monotonic()
         rate = fetch_rate.delay("EUR")

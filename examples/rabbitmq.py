@@ -26,11 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -40,6 +36,7 @@ from celery import Celery, Task, signals
 from celery.exceptions import Reject
 from celery.result import AsyncResult
 from celery.utils.log import get_task_logger
+from embedded_worker import report_ready_in, start_worker, stop_worker, wait_for_dead_letters
 from kombu import Exchange, Queue
 from kombu.utils.url import maybe_sanitize_url
 
@@ -50,6 +47,7 @@ from resilient_tasks.rabbitmq import declare_dead_letter_queues, with_dead_lette
 # The worker subprocess imports this module too; the parent passes the folder and queue on.
 MADE_FOLDER = not os.environ.get("EXAMPLE_DIR")
 FOLDER = Path(os.environ.get("EXAMPLE_DIR") or tempfile.mkdtemp(prefix="rt-rabbitmq-"))
+report_ready_in(FOLDER)  # the worker imports this module too
 os.environ["EXAMPLE_DIR"] = str(FOLDER)
 QUEUE = os.environ.setdefault("EXAMPLE_QUEUE", f"billing-{uuid.uuid4().hex[:8]}")
 DEAD_LETTERS = f"{QUEUE}.dlq"
@@ -88,11 +86,6 @@ def _declare_dead_letter_queues(sender: Any, **_: object) -> None:
     declare_dead_letter_queues(sender.app)
 
 
-@signals.worker_ready.connect
-def _ready(**_: object) -> None:
-    (FOLDER / "worker.ready").touch()
-
-
 @app.task(
     base=ResilientTask,
     bind=True,
@@ -117,44 +110,6 @@ def import_row(self: Task, row: str) -> dict[str, Any]:
         raise Reject(f"unknown row format: {row!r}", requeue=False)
     invoice, amount, currency = fields
     return {"invoice": invoice, "amount": float(amount), "currency": currency}
-
-
-def start_worker() -> subprocess.Popen[bytes]:
-    here = str(Path(__file__).resolve().parent)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])),
-    }
-    cmd = [
-        sys.executable, "-m", "celery", "--quiet", "-A", "rabbitmq", "worker",
-        "-P", "prefork", "-c", "2", "-Q", QUEUE, "--loglevel=INFO",
-        "--without-heartbeat", "--without-gossip", "--without-mingle",
-    ]  # fmt: skip
-    worker = subprocess.Popen(cmd, env=env, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not (FOLDER / "worker.ready").exists():
-        if worker.poll() is not None or time.monotonic() > deadline:
-            sys.exit("the worker did not start; see its output above")
-        time.sleep(0.05)
-    return worker
-
-
-def stop_worker(worker: subprocess.Popen[bytes]) -> None:
-    worker.send_signal(signal.SIGTERM)  # Celery's warm shutdown
-    try:
-        worker.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
-
-
-def wait_for_dead_letters(dead: DeadLetters, count: int) -> list[DeadLetter]:
-    deadline = time.monotonic() + 20
-    while len(letters := dead.list()) < count and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if len(letters) < count:
-        sys.exit(f"expected {count} dead letters in {DEAD_LETTERS}, found {len(letters)}")
-    return letters
 
 
 def describe(letter: DeadLetter) -> str:
@@ -213,7 +168,7 @@ def main() -> None:
     BILLING_API_DOWN.touch()  # the outage
     had_delayed_delivery = delayed_delivery_exists()
     print("starting a real celery worker (prefork pool)...", flush=True)
-    worker = start_worker()
+    worker = start_worker("rabbitmq", QUEUE, FOLDER)
     try:
         invoice = sync_invoice.delay(42)
         row = import_row.delay("INV-42;119.00;EUR")

@@ -27,26 +27,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from celery import Celery, Task, signals
+from celery import Celery, Task
 from celery.result import AsyncResult
 from celery.utils.log import get_task_logger
+from embedded_worker import report_ready_in, start_worker, stop_worker, wait_for_dead_letters
 from kombu.utils.url import maybe_sanitize_url
 
 from resilient_tasks import Permanent, ResilientTask, RetryPolicy
-from resilient_tasks.dlq import DeadLetter, DeadLetters
+from resilient_tasks.dlq import DeadLetters
 
 # The worker subprocess imports this module too; the parent passes the folder and queue on.
 MADE_FOLDER = not os.environ.get("EXAMPLE_DIR")
 FOLDER = Path(os.environ.get("EXAMPLE_DIR") or tempfile.mkdtemp(prefix="rt-redis-"))
+report_ready_in(FOLDER)  # the worker imports this module too
 os.environ["EXAMPLE_DIR"] = str(FOLDER)
 QUEUE = os.environ.setdefault("EXAMPLE_QUEUE", f"billing-{uuid.uuid4().hex[:8]}")
 DEAD_LETTERS = f"{QUEUE}.dlq"
@@ -69,11 +67,6 @@ app.conf.update(
     worker_task_log_format="    worker | %(task_name)s: %(message)s",
 )
 log = get_task_logger(__name__)
-
-
-@signals.worker_ready.connect
-def _ready(**_: object) -> None:
-    (FOLDER / "worker.ready").touch()
 
 
 @app.task(
@@ -101,44 +94,6 @@ def import_row(self: Task, row: str) -> dict[str, Any]:
     return {"invoice": invoice, "amount": float(amount), "currency": currency}
 
 
-def start_worker() -> subprocess.Popen[bytes]:
-    here = str(Path(__file__).resolve().parent)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])),
-    }
-    cmd = [
-        sys.executable, "-m", "celery", "--quiet", "-A", "redis_broker", "worker",
-        "-P", "prefork", "-c", "2", "-Q", QUEUE, "--loglevel=INFO",
-        "--without-heartbeat", "--without-gossip", "--without-mingle",
-    ]  # fmt: skip
-    worker = subprocess.Popen(cmd, env=env, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not (FOLDER / "worker.ready").exists():
-        if worker.poll() is not None or time.monotonic() > deadline:
-            sys.exit("the worker did not start; see its output above")
-        time.sleep(0.05)
-    return worker
-
-
-def stop_worker(worker: subprocess.Popen[bytes]) -> None:
-    worker.send_signal(signal.SIGTERM)  # Celery's warm shutdown
-    try:
-        worker.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
-
-
-def wait_for_dead_letters(dead: DeadLetters, count: int) -> list[DeadLetter]:
-    deadline = time.monotonic() + 20
-    while len(letters := dead.list()) < count and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if len(letters) < count:
-        sys.exit(f"expected {count} dead letters in {DEAD_LETTERS}, found {len(letters)}")
-    return letters
-
-
 def delete_from_broker(results: list[AsyncResult]) -> None:
     """Leave Redis as we found it: the queue, the dead-letter list, their bindings, results."""
     for result in results:
@@ -157,7 +112,7 @@ def main() -> None:
     print(f"broker: {maybe_sanitize_url(BROKER)}   queue: {QUEUE}   dead letters: {DEAD_LETTERS}")
     BILLING_API_DOWN.touch()  # the outage
     print("starting a real celery worker (prefork pool)...", flush=True)
-    worker = start_worker()
+    worker = start_worker("redis_broker", QUEUE, FOLDER)
     results: list[AsyncResult] = []
     try:
         invoice = sync_invoice.delay(42, api_key="sk_live_4242")

@@ -23,7 +23,6 @@ the dead letter, as it would in your project.
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,14 +37,15 @@ os.environ["EXAMPLE_DIR"] = os.environ.get("EXAMPLE_DIR") or tempfile.mkdtemp(pr
 os.environ.setdefault("EXAMPLE_QUEUE", f"billing-{uuid.uuid4().hex[:8]}")
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "proj.settings")
 FOLDER = Path(os.environ["EXAMPLE_DIR"])
+sys.path.insert(1, str(HERE.parent))  # the examples' shared embedded_worker module
 
 import django  # noqa: E402
 
 django.setup()
 
 from billing.tasks import send_reminder, sync_invoice  # noqa: E402
-from celery import signals  # noqa: E402
 from django.conf import settings  # noqa: E402
+from embedded_worker import environment, report_ready_in, start_worker, stop_worker  # noqa: E402
 from kombu.utils.url import maybe_sanitize_url  # noqa: E402
 from proj.celery import app  # noqa: E402
 
@@ -55,48 +55,14 @@ QUEUE = app.conf.task_default_queue
 DEAD_LETTERS = f"{QUEUE}.dlq"
 
 
-@signals.worker_ready.connect
-def _ready(**_: object) -> None:
-    (FOLDER / "worker.ready").touch()
-
-
-def environment() -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
-    }
-
-
-def start_worker() -> subprocess.Popen[bytes]:
-    # --include run: this script's worker_ready handler tells it when the worker is up.
-    cmd = [
-        sys.executable, "-m", "celery", "--quiet", "-A", "proj", "worker", "--include", "run",
-        "-P", "prefork", "-c", "2", "-Q", QUEUE, "--loglevel=INFO",
-        "--without-heartbeat", "--without-gossip", "--without-mingle",
-    ]  # fmt: skip
-    worker = subprocess.Popen(cmd, env=environment(), start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not (FOLDER / "worker.ready").exists():
-        if worker.poll() is not None or time.monotonic() > deadline:
-            sys.exit("the worker did not start; see its output above")
-        time.sleep(0.05)
-    return worker
-
-
-def stop_worker(worker: subprocess.Popen[bytes]) -> None:
-    worker.send_signal(signal.SIGTERM)  # Celery's warm shutdown
-    try:
-        worker.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
+report_ready_in(FOLDER)
 
 
 def celery_command(*args: str) -> str:
     """Run ``celery -A proj <args>`` as you would in the project's folder."""
     run = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "proj", *args],
-        env=environment(),
+        env=environment(HERE),
         capture_output=True,
         text=True,
         timeout=60,
@@ -129,7 +95,8 @@ def main() -> None:
     print(f"broker: {maybe_sanitize_url(app.conf.broker_url)}   queue: {QUEUE}")
     print(f"tasks found by autodiscover_tasks(): {sync_invoice.name}, {send_reminder.name}")
     print("starting `celery -A proj worker` (prefork pool)...", flush=True)
-    worker = start_worker()
+    # --include run: this script's report_ready_in tells it when the worker is up.
+    worker = start_worker("proj", QUEUE, FOLDER, "--include", "run", env=environment(HERE))
     try:
         synced = sync_invoice.delay(42)
         reminded = send_reminder.delay(42, smtp_password="hunter2")

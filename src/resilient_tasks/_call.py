@@ -24,7 +24,7 @@ further along the MRO has a ``__call__`` of its own, which is then called as bef
 from __future__ import annotations
 
 import time
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
@@ -63,36 +63,50 @@ class StepsMixin(_TaskBase):  # type: ignore[misc]
         cls._rt_run_directly = _next_call_is_celerys(cls)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Kept short on purpose: billiard copies the position table of every frame of a failed
+        # task's traceback into what the pool child sends its main process (the bigger this
+        # function's bytecode, the more every failure and retry costs), so the handling of a
+        # raised exception lives in _rt_raised.
         request = self.request
         if request.called_directly:  # a plain function call: Celery's own, nothing else
             return super().__call__(*args, **kwargs)
-        binding = self._rt_bind(request)
-        token = attempt_started.set(time.time())
+        body = self.run if self._rt_run_directly else super().__call__
+        started = self._rt_before(request)
         try:
-            if self._rt_run_directly:
-                return self.run(*args, **kwargs)
-            return super().__call__(*args, **kwargs)
-        except Retry as retry:  # the body called self.retry() itself
-            if isinstance(retry.exc, SoftTimeLimitExceeded):
-                self._rt_soft_time_limit(retry.exc)
-            self._rt_retried(retry)
-            raise
-        except _CONTROL:
-            raise
+            return body(*args, **kwargs)
         except Exception as exc:
-            if isinstance(exc, SoftTimeLimitExceeded):
-                self._rt_soft_time_limit(exc)
-            try:
-                self._rt_settle(exc)
-            except Retry as retry:
-                self._rt_retried(retry)
-                raise
-            self._rt_gave_up(exc)
+            self._rt_raised(exc)
             raise
         finally:
-            attempt_started.reset(token)
-            if binding is not None:
-                self._rt_unbind(binding)
+            self._rt_after(started)
+
+    def _rt_before(self, request: Any) -> tuple[Token[float | None], Any]:
+        return attempt_started.set(time.time()), self._rt_bind(request)
+
+    def _rt_after(self, started: tuple[Token[float | None], Any]) -> None:
+        token, binding = started
+        attempt_started.reset(token)
+        if binding is not None:
+            self._rt_unbind(binding)
+
+    def _rt_raised(self, exc: Exception) -> None:
+        """Run the steps for an exception out of the body; return to let it propagate as it is,
+        or raise the ``Retry`` the policy scheduled."""
+        if isinstance(exc, Retry):  # the body called self.retry() itself
+            if isinstance(exc.exc, SoftTimeLimitExceeded):
+                self._rt_soft_time_limit(exc.exc)
+            self._rt_retried(exc)
+            return
+        if isinstance(exc, _CONTROL):
+            return
+        if isinstance(exc, SoftTimeLimitExceeded):
+            self._rt_soft_time_limit(exc)
+        try:
+            self._rt_settle(exc)
+        except Retry as retry:
+            self._rt_retried(retry)
+            raise
+        self._rt_gave_up(exc)
 
     # -- the steps (no-ops here; each mixin overrides its own) ----------------------------------
 

@@ -176,8 +176,9 @@ class FailureHooksMixin(StepsMixin):
             run_isolated(f"on_retry of {self.name}", self.on_retry, self._retry_details(retry))
 
     def _rt_gave_up(self, exc: Exception) -> None:
-        if has_give_up_hooks(self, exc):  # else no details to build: nobody reads them
-            give_up(self, self._details(exc, _reason.reason_of(exc)))
+        handler = handler_for(getattr(self, "failure_handlers", {}), exc)
+        if handler is not None or _overrides_on_give_up(self):  # else nobody reads details
+            _run_give_up_hooks(self, handler, self._details(exc, _reason.reason_of(exc)))
 
     def _details(
         self, exc: BaseException, reason: Reason | None, delay: float | None = None
@@ -210,17 +211,18 @@ class FailureHooksMixin(StepsMixin):
         return self._details(exc, None, delay)
 
 
-def has_give_up_hooks(task: Any, exc: BaseException) -> bool:
-    """Whether a terminal failure ``exc`` of ``task`` has a handler or an ``on_give_up`` to run."""
+def _overrides_on_give_up(task: Any) -> bool:
     on_give_up = getattr(type(task), "on_give_up", None)
-    if on_give_up is not None and on_give_up is not FailureHooksMixin.on_give_up:
-        return True
-    return handler_for(getattr(task, "failure_handlers", {}), exc) is not None
+    return on_give_up is not None and on_give_up is not FailureHooksMixin.on_give_up
 
 
 def give_up(task: Any, details: FailureDetails) -> None:
     """Run the failure handler for ``details`` and the task's ``on_give_up``, each isolated."""
     handler = handler_for(getattr(task, "failure_handlers", {}), details.exception)
+    _run_give_up_hooks(task, handler, details)
+
+
+def _run_give_up_hooks(task: Any, handler: Any, details: FailureDetails) -> None:
     if handler is not None:
         run_isolated(f"failure handler {handler!r} of {task.name}", handler, details)
     on_give_up = getattr(task, "on_give_up", None)

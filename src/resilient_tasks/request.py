@@ -415,13 +415,16 @@ class ResilientRequest(Request):  # type: ignore[misc]
             routing_key=_own_routing_key(delivery),
             priority=properties.get("priority", delivery.get("priority")),
         )
-        final = self._final_attempt(exc)
+        # A stand-in Celery sent back for an exception it could not pickle is described as the
+        # class the task raised, with the stand-in's arguments.
+        raised = _reason.as_raised(exc, getattr(exc_info, "type", None))
+        final = self._final_attempt(raised)
         patterns = redact_patterns(self.task.app)
         return build_envelope(
             failed,
             reason=reason,
-            exception=exc,
-            exception_type=_type_name(exc),
+            exception=raised,
+            exception_type=_type_name(raised),
             traceback=str(exc_info.traceback or ""),
             history=History.from_headers(message.headers),
             final=final,

@@ -217,7 +217,10 @@ class RetryMixin(StepsMixin):
         if isinstance(exc, MaxRetriesExceededError):
             return "retries_exhausted"
         autoretry = tuple(getattr(self, "autoretry_for", ()) or ())
-        max_retries = self.max_retries
+        # Celery's autoretry hands retry_kwargs to Task.retry, where their max_retries wins.
+        max_retries = (getattr(self, "retry_kwargs", None) or {}).get(
+            "max_retries", self.max_retries
+        )
         if (
             autoretry
             and isinstance(exc, autoretry)

@@ -281,6 +281,10 @@ def test_a_transient_exception_that_cannot_be_unpickled_is_retried_then_dead_let
     # Celery sends back a stand-in (ConnectionError) that lost the reason the pool child
     # marked on the exception; the worker's main process makes the decision again.
     assert envelope["reason"] == "retries_exhausted"
+    # ... and describes it as the class the task raised, not as the stand-in.
+    assert envelope["exception"]["type"] == "apps.chaos_app.FlakyNeedsArgs"
+    assert envelope["attempts"][-1]["exception_type"] == "apps.chaos_app.FlakyNeedsArgs"
+    assert "unavailable" in envelope["exception"]["message"]
 
 
 def test_a_huge_traceback_and_message_are_cut_to_size(site: Site) -> None:

@@ -236,6 +236,19 @@ def test_celerys_autoretry_running_out_on_a_stand_in_is_retries_exhausted(app: C
     assert task.request_stack.top is None  # the request pushed to decide again is gone
 
 
+@pytest.mark.parametrize("exc", [ConnectionError("reset"), FlakyNeedsTwo(503, "unavailable")])
+def test_celerys_autoretry_running_out_of_retry_kwargs_max_retries_is_retries_exhausted(
+    app: Celery, exc: BaseException
+) -> None:
+    # Celery's autoretry passes retry_kwargs to Task.retry, so max_retries there wins over the
+    # task's own (3 by default): the task gives up after one retry.
+    task = raising(app, exc, autoretry_for=(ConnectionError,), retry_kwargs={"max_retries": 1})
+
+    _, reason = gives_up(task, retries=1)
+
+    assert reason == "retries_exhausted"
+
+
 def test_an_unretried_stand_in_without_a_policy_is_exception(app: Celery) -> None:
     task = raising(app, NeedsTwo(402, "payment required"))
 
@@ -403,6 +416,33 @@ def test_reason_of_and_recorded() -> None:
     _reason.mark(exc, "permanent")
     assert pickle.loads(pickle.dumps(exc)).__dict__ == exc.__dict__
     assert _reason.reason_of(pickle.loads(pickle.dumps(exc))) == "permanent"
+
+
+# -- the envelope names what was raised ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "named"),
+    [
+        (FlakyNeedsTwo(503, "unavailable"), f"{__name__}.FlakyNeedsTwo"),  # base-class stand-in
+        (NeedsTwo(402, "payment required"), f"{__name__}.NeedsTwo"),  # wrapper
+        (ConnectionError("reset"), "ConnectionError"),  # no stand-in
+    ],
+)
+def test_the_envelope_and_its_last_attempt_name_the_class_the_task_raised(
+    app: Celery, exc: BaseException, named: str
+) -> None:
+    task = raising(app, exc, retry_policy=TRANSIENT)
+    headers = headers_for(task, retries=2)
+    einfo = in_the_child(task, headers)
+    request = ResilientRequest(_message(headers), app=task.app, task=task, hostname="w1@host")
+
+    came_back = _unwrap(einfo.exception)
+    envelope = request._envelope(came_back, einfo, request._give_up_reason(came_back, einfo))
+
+    assert envelope["exception"]["type"] == named
+    assert envelope["attempts"][-1]["exception_type"] == named
+    assert envelope["exception"]["message"] == str(exc)
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -100,7 +100,9 @@ def throughput(sites: dict[str, workload.Site], args: argparse.Namespace) -> dic
     events = _events_available()
     variants = [("plain", "bench.plain", False), ("resilient", "bench.resilient", events)]
     if events:
+        # What connecting the events costs any task, apart from what the library's hooks cost.
         variants.append(("resilient_no_events", "bench.resilient", False))
+        variants.append(("plain_events", "bench.plain", True))
     results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in sites}
     for round_ in range(args.rounds):
         order = variants[round_ % len(variants) :] + variants[: round_ % len(variants)]

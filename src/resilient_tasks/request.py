@@ -90,6 +90,13 @@ class ResilientRequest(Request):  # type: ignore[misc]
     def on_failure(
         self, exc_info: ExceptionInfo, send_failed_event: bool = True, return_ok: bool = False
     ) -> Any:
+        if self._resilient_settled:
+            # Billiard can report a lost worker before it reads the result the child had
+            # already written: the message was settled then (republished, or dead-lettered),
+            # so this later outcome is the superseded run's and must not be dead-lettered too.
+            logger.debug("resilient_tasks: %s[%s] was settled already; ignoring a later "
+                         "outcome of the same run", self.name, self.id)  # fmt: skip
+            return None
         exc = _unwrap(exc_info.exception)
         task = self.task
         if _handles_losses(task) and not state.should_terminate:
@@ -263,6 +270,7 @@ class ResilientRequest(Request):  # type: ignore[misc]
         return_ok: bool,
     ) -> Any:
         task = self.task
+        self._resilient_settled = True
         if not (task.acks_late and task.reject_on_worker_lost):
             # Celery acknowledges and fails it; it will not come back, so dead-letter it too.
             if getattr(task, "dead_letter", False) and not self._dead_letter(

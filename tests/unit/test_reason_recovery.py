@@ -19,6 +19,7 @@ import pytest
 from billiard.einfo import ExceptionInfo
 from celery import Celery, Task
 from celery.app.trace import build_tracer
+from celery.exceptions import WorkerLostError
 from celery.utils.serialization import UnpickleableExceptionWrapper
 from kombu.message import Message
 from kombu.serialization import dumps
@@ -416,6 +417,43 @@ def test_reason_of_and_recorded() -> None:
     _reason.mark(exc, "permanent")
     assert pickle.loads(pickle.dumps(exc)).__dict__ == exc.__dict__
     assert _reason.reason_of(pickle.loads(pickle.dumps(exc))) == "permanent"
+
+
+# -- one run, two outcomes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("acks_late", [True, False])
+def test_a_result_read_after_its_lost_worker_was_settled_is_not_dead_lettered_too(
+    app: Celery, monkeypatch: pytest.MonkeyPatch, acks_late: bool
+) -> None:
+    # Billiard reports a killed child's job as lost before it reads the result the child had
+    # already written to its pipe, and then delivers that result as well.
+    task = raising(app, Permanent(NeedsTwo(404, "gone")), acks_late=acks_late)
+    headers = headers_for(task, retries=0)
+    failure = in_the_child(task, headers)
+    republished: list[dict[str, Any]] = []
+    dead_lettered: list[Reason] = []
+
+    def republish(self: ResilientRequest, headers: dict[str, Any], **_: Any) -> bool:
+        republished.append(headers)
+        return True
+
+    def dead_letter(self: ResilientRequest, exc: Any, exc_info: Any, reason: Reason) -> bool:
+        dead_lettered.append(reason)
+        return True
+
+    monkeypatch.setattr(ResilientRequest, "_republish", republish)
+    monkeypatch.setattr(ResilientRequest, "_dead_letter", dead_letter)
+    monkeypatch.setattr(ResilientRequest, "acknowledge", lambda self: None)
+    request = ResilientRequest(_message(headers), app=task.app, task=task, hostname="w1@host")
+
+    request.on_failure(request_module._exception_info(WorkerLostError("exited: SIGKILL")))
+    request.on_failure(failure)
+
+    if acks_late:  # redelivered once: the next run decides
+        assert (len(republished), dead_lettered) == (1, [])
+    else:  # Celery acknowledged it before it ran: dead-lettered once, as worker_lost
+        assert (republished, dead_lettered) == ([], ["worker_lost"])
 
 
 # -- the envelope names what was raised ----------------------------------------------------------

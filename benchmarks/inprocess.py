@@ -19,7 +19,9 @@ Variants:
   ``os.devnull``: every ``task_started`` / ``task_succeeded`` event is built and rendered as
   JSON, and the write costs nothing. Events hang on Celery's signals, which fire for every task
   of the process, so this phase runs last and ``plain_events`` (the plain task with events on)
-  is measured beside it.
+  is measured beside it; then both again with the root logger at WARNING
+  (``events_not_logged``: the events connected, their lines filtered out, as on a worker at
+  ``--loglevel=WARNING``).
 """
 
 from __future__ import annotations
@@ -189,6 +191,20 @@ def _measure(app: Celery, tasks: dict[str, Task], iterations: int, repeats: int)
         "vs_plain_without_events_us": statistics.median(events["resilient_events"])
         - result["us_per_task"]["plain"],
         "samples": events,
+    }
+    # The same with nothing logged (a worker at --loglevel=WARNING): what connecting the events
+    # costs a task when their lines are filtered out.
+    logging.getLogger().setLevel(logging.WARNING)
+    quiet = _phase(
+        {"plain_events": calls["plain"], "resilient_events": calls["resilient"]},
+        iterations,
+        repeats,
+    )
+    result["events_not_logged"] = {
+        "us_per_task": {name: statistics.median(v) for name, v in quiet.items()},
+        "library_overhead_us": _delta(quiet, "resilient_events", "plain_events"),
+        "plain_vs_plain_without_events_us": statistics.median(quiet["plain_events"])
+        - result["us_per_task"]["plain"],
     }
     return result
 

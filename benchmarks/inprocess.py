@@ -154,6 +154,25 @@ def _events_on() -> bool:
     return True
 
 
+def _events_phase(
+    calls: dict[str, Callable[[], Any]], iterations: int, repeats: int
+) -> dict[str, list[float]]:
+    return _phase(
+        {"plain_events": calls["plain"], "resilient_events": calls["resilient"]},
+        iterations,
+        repeats,
+    )
+
+
+def _events_figures(samples: dict[str, list[float]], plain_us: float) -> dict[str, Any]:
+    return {
+        "us_per_task": {name: statistics.median(v) for name, v in samples.items()},
+        "library_overhead_us": _delta(samples, "resilient_events", "plain_events"),
+        "vs_plain_without_events_us": statistics.median(samples["resilient_events"]) - plain_us,
+        "plain_vs_plain_without_events_us": statistics.median(samples["plain_events"]) - plain_us,
+    }
+
+
 def measure(iterations: int = 20_000, repeats: int = 15) -> dict[str, Any]:
     app, tasks = make_app()
     # As in a prefork pool child: Celery's worker optimizations (its stack-protected
@@ -180,32 +199,16 @@ def _measure(app: Celery, tasks: dict[str, Task], iterations: int, repeats: int)
     if not _events_on():
         result["events"] = "resilient_tasks.observability is not importable: events not measured"
         return result
-    events = _phase(
-        {"plain_events": calls["plain"], "resilient_events": calls["resilient"]},
-        iterations,
-        repeats,
-    )
+    events = _events_phase(calls, iterations, repeats)
     result["events"] = {
-        "us_per_task": {name: statistics.median(v) for name, v in events.items()},
-        "library_overhead_us": _delta(events, "resilient_events", "plain_events"),
-        "vs_plain_without_events_us": statistics.median(events["resilient_events"])
-        - result["us_per_task"]["plain"],
+        **_events_figures(events, result["us_per_task"]["plain"]),
         "samples": events,
     }
     # The same with nothing logged (a worker at --loglevel=WARNING): what connecting the events
     # costs a task when their lines are filtered out.
     logging.getLogger().setLevel(logging.WARNING)
-    quiet = _phase(
-        {"plain_events": calls["plain"], "resilient_events": calls["resilient"]},
-        iterations,
-        repeats,
-    )
-    result["events_not_logged"] = {
-        "us_per_task": {name: statistics.median(v) for name, v in quiet.items()},
-        "library_overhead_us": _delta(quiet, "resilient_events", "plain_events"),
-        "plain_vs_plain_without_events_us": statistics.median(quiet["plain_events"])
-        - result["us_per_task"]["plain"],
-    }
+    quiet = _events_phase(calls, iterations, repeats)
+    result["events_not_logged"] = _events_figures(quiet, result["us_per_task"]["plain"])
     return result
 
 

@@ -361,16 +361,17 @@ def _on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
             _received[task_id] = request
 
 
-def _request_of(task: Any, task_id: str | None) -> Any:
+def _describe_run(task: Any, task_id: str | None) -> _Described:
+    """What Celery's signal for ``task_id`` says about the run: the task's own request when it
+    is that run's, else the worker's request received for it."""
     request = getattr(task, "request", None)
-    if request is not None and getattr(request, "id", None) == task_id:
-        return request
-    return _received.get(task_id) if task_id is not None else None
+    if request is None or getattr(request, "id", None) != task_id:
+        request = _received.get(task_id) if task_id is not None else None
+    return _Described(request, task, task_id)
 
 
 def _on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
-    task = task if task is not None else sender
-    described = _Described(_request_of(task, task_id), task, task_id)
+    described = _describe_run(task if task is not None else sender, task_id)
     described.started = time.monotonic()
     _bind(described)
     described.record("task_started")
@@ -388,8 +389,7 @@ def _on_postrun(
     if state == states.SUCCESS:
         described = _bound_described(task_id)
         if described is None:
-            task = task if task is not None else sender
-            described = _Described(_request_of(task, task_id), task, task_id)
+            described = _describe_run(task if task is not None else sender, task_id)
         extra = {}
         if described.started is not None:
             extra["runtime"] = round(time.monotonic() - described.started, 6)
@@ -403,7 +403,7 @@ def _on_failure(
     exception: BaseException | None = None,
     **_: Any,
 ) -> None:
-    described = _Described(_request_of(sender, task_id), sender, task_id)
+    described = _describe_run(sender, task_id)
     reason = None
     if exception is not None:
         # Celery sends a stand-in for an exception it cannot pickle; the one the task raised,

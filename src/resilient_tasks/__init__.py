@@ -12,6 +12,7 @@ story of every attempt::
 
 from __future__ import annotations
 
+from . import _einfo  # noqa: F401 (connects the receivers that keep failures light)
 from .classify import TRANSIENT_ERRORS
 from .deadletter import DeadLetterMixin
 from .exceptions import ConfigurationError, Permanent, RetryAfter

@@ -68,7 +68,10 @@ class ResilientRequest(Request):  # type: ignore[misc]
       republished with the count raised, and once it has come back ``max_redeliveries`` times
       it is dead-lettered (reason ``worker_lost``) instead of run again.
 
-    A task that needs its own request class subclasses this one.
+    A task that needs its own request class subclasses this one. The ``exc_info`` its
+    ``on_failure`` receives for a failure in the pool child has the exception and the
+    traceback as text (``exc_info.traceback``), but no traceback objects (``exc_info.tb`` is
+    ``None``): the child keeps those (see :mod:`resilient_tasks._einfo`).
 
     Example::
 

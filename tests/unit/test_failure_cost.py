@@ -1,29 +1,38 @@
 """What a failure costs on its way from the pool child to the worker's main process.
 
-A pool child sends its main process the failed task's ``ExceptionInfo``, whose traceback billiard
-copies frame by frame with each frame's whole bytecode position table. The library's frame in
-that traceback (its one ``__call__``) must stay small: every failure and every retry pays for it
-twice, pickled in the child and unpickled in the main process, which is single-threaded and sets
-the pace of the whole worker.
+A pool child returns the failed (or retried) task's ``ExceptionInfo`` to its main process.
+billiard builds its traceback objects (``tb``) by copying every frame with its code's whole
+bytecode position table, about 34 KB for a plain task, nearly all of it Celery's own tracer
+frame. For the library's tasks:
+
+* the ``ExceptionInfo`` leaves those objects behind when it is pickled (the main process reads
+  only the exception and the traceback text), so the main process, single-threaded and setting
+  the pace of the whole worker, does not unpickle them;
+* the child still builds them (Celery's error log line formats them), so the library's own frame
+  in them (its one ``__call__``) must stay small.
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from billiard.einfo import ExceptionInfo
 from celery import Celery
 from celery.app.trace import build_tracer, reset_worker_optimizations, setup_worker_optimizations
+from celery.exceptions import Retry
 
 from resilient_tasks import Permanent, ResilientTask, RetryPolicy
 
-#: The most the library may add to a failed task's result, in pickled bytes (a plain task's is
-#: about 34 KB, nearly all of it the position table of Celery's own tracer frame; the
-#: library's frame added 5 KB before it was cut down).
+#: The most the library's frames may add to the traceback objects the child builds, in pickled
+#: bytes (its frame added 5 KB before it was cut down).
 MOST_ADDED_BYTES = 2_000
+#: The most a library task's failure may send the main process, in pickled bytes.
+MOST_SENT_BYTES = 4_000
 
 
 @pytest.fixture
@@ -37,7 +46,23 @@ def app() -> Iterator[Celery]:
         reset_worker_optimizations(app)
 
 
-def _traced_failure(app: Celery, task: Any) -> Any:
+def _body(n: int) -> None:
+    raise Permanent(LookupError(f"record {n} is gone"))
+
+
+def _tasks(app: Celery, body: Any = _body) -> tuple[Any, Any]:
+    plain = app.task(name="cost.plain", shared=False, acks_late=True)(body)
+    resilient = app.task(
+        base=ResilientTask,
+        name="cost.resilient",
+        shared=False,
+        retry_policy=RetryPolicy(retry_on=(ConnectionError,), max_attempts=3),
+    )(body)
+    app.finalize()
+    return app.tasks[plain.name], app.tasks[resilient.name]
+
+
+def _traced(app: Celery, task: Any) -> ExceptionInfo:
     """What the pool child returns for one failed run of ``task``, as the worker traces it."""
     tracer = build_tracer(task.name, task, app=app, hostname="cost@localhost")
     task_id = str(uuid.uuid4())
@@ -49,27 +74,64 @@ def _traced_failure(app: Celery, task: Any) -> Any:
         "args": (1,),
         "kwargs": {},
     }
-    return tracer(task_id, (1,), {}, request)
+    einfo = tracer(task_id, (1,), {}, request).retval
+    assert isinstance(einfo, ExceptionInfo)
+    return einfo
 
 
-def test_the_library_adds_little_to_what_a_failure_sends_the_main_process(app: Celery) -> None:
-    def body(n: int) -> None:
-        raise Permanent(LookupError(f"record {n} is gone"))
+def _sent(einfo: ExceptionInfo) -> bytes:
+    return pickle.dumps(einfo, protocol=pickle.HIGHEST_PROTOCOL)
 
-    plain = app.task(name="cost.plain", shared=False, acks_late=True)(body)
-    resilient = app.task(
-        base=ResilientTask,
-        name="cost.resilient",
-        shared=False,
-        retry_policy=RetryPolicy(retry_on=(ConnectionError,), max_attempts=3),
-    )(body)
-    app.finalize()
 
+def test_a_failure_reaches_the_main_process_without_its_frames_but_with_its_text(
+    app: Celery,
+) -> None:
+    plain, resilient = _tasks(app)
+    sent = _sent(_traced(app, resilient))
+    assert len(sent) <= MOST_SENT_BYTES, len(sent)
+    assert len(_sent(_traced(app, plain))) > MOST_SENT_BYTES  # Celery's own, untouched
+
+    received = pickle.loads(sent)
+    assert received.tb is None
+    assert isinstance(received, ExceptionInfo)
+    assert received.type is Permanent
+    exception = getattr(received.exception, "exc", received.exception)
+    assert isinstance(exception, Permanent)
+    assert "record 1 is gone" in received.traceback
+    assert "in _body" in received.traceback  # the task's own frame, as text
+
+
+def test_a_retry_reaches_the_main_process_without_its_frames(app: Celery) -> None:
+    def flaky(n: int) -> None:
+        raise ConnectionError(f"peer {n} reset")
+
+    _, resilient = _tasks(app, flaky)
+    einfo = _traced(app, resilient)
+    assert einfo.type is Retry
+    sent = _sent(einfo)
+    assert len(sent) <= MOST_SENT_BYTES, len(sent)
+    assert "peer 1 reset" in pickle.loads(sent).traceback
+
+
+def test_the_childs_error_log_line_keeps_the_whole_traceback(
+    app: Celery, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, resilient = _tasks(app)
+    with caplog.at_level(logging.ERROR, logger="celery.app.trace"):
+        _traced(app, resilient)
+    (record,) = [r for r in caplog.records if r.exc_info]
+    text = logging.Formatter().formatException(record.exc_info)  # type: ignore[arg-type]
+    assert "in _body" in text
+    assert "record 1 is gone" in text
+
+
+def test_the_library_adds_little_to_the_frames_the_child_copies(app: Celery) -> None:
+    plain, resilient = _tasks(app)
     sizes = {}
-    for name in (plain.name, resilient.name):
-        result = _traced_failure(app, app.tasks[name])
-        assert isinstance(result.retval.exception, Permanent)  # it failed, as the worker sees
-        sizes[name] = len(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+    for task in (plain, resilient):
+        einfo = _traced(app, task)
+        assert isinstance(getattr(einfo.exception, "exc", einfo.exception), Permanent)
+        sizes[task.name] = len(pickle.dumps(einfo.tb, protocol=pickle.HIGHEST_PROTOCOL))
 
     added = sizes["cost.resilient"] - sizes["cost.plain"]
     assert added <= MOST_ADDED_BYTES, sizes

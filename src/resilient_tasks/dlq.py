@@ -8,9 +8,9 @@ The ``celery dlq`` command (:mod:`resilient_tasks.cli`) is a thin layer over it.
 Nothing is lost, whatever happens mid-way:
 
 * **Reading consumes nothing.** ``list`` and ``get`` take messages without acknowledging them
-  and put every one back (on RabbitMQ the channel is closed unacknowledged, and the broker
-  requeues them in their places); on Redis and on the filesystem transport the messages are read
-  where they lie, so they never leave the queue at all.
+  and put every one back (on RabbitMQ with one ``basic.nack`` with requeue, then the channel is
+  closed: the broker requeues them in their places); on Redis and on the filesystem transport
+  the messages are read where they lie, so they never leave the queue at all.
 * **Replay publishes first, removes second.** Each message is published to its original exchange
   and routing key with publisher confirms (on RabbitMQ, ``mandatory``: a message no queue would
   receive is an error, not a silent drop), and only once the broker has it is the dead letter
@@ -41,6 +41,7 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from amqp import spec
 from amqp.exceptions import MessageNacked
 from kombu.entity import Queue
 from kombu.messaging import Consumer, Producer
@@ -425,13 +426,17 @@ class _Reader(ABC):
 
 
 class _BasicGetReader(_Reader):
-    """AMQP and any other Kombu transport: ``basic_get`` without acknowledging; closing the
-    channel unacknowledged puts the rest back (the broker does it when the connection dies)."""
+    """AMQP and any other Kombu transport: ``basic_get`` without acknowledging. When reading
+    ends, what was taken and not removed goes back: on RabbitMQ with one ``basic.nack``
+    (requeue) for all of it, which RabbitMQ 4 does not count as a delivery toward a quorum
+    queue's delivery limit (a ``basic.reject``, and RabbitMQ 3, do count); then closing the
+    channel puts back anything left, as the broker does when the connection dies."""
 
     def __init__(self, connection: Any, queue: str) -> None:
         self.connection = connection
         self.queue = queue
         self.channel = connection.channel()
+        self.taken = False
 
     def count(self) -> int:
         probe = self.connection.channel()  # a 404 closes the channel it happens on
@@ -449,6 +454,7 @@ class _BasicGetReader(_Reader):
             raw = self.channel.basic_get(queue=self.queue, no_ack=False)
             if raw is None:
                 return
+            self.taken = True
             message = self.channel.message_to_python(raw)
             yield _from_kombu(message, message)
 
@@ -456,8 +462,18 @@ class _BasicGetReader(_Reader):
         message.token.ack()
 
     def close(self) -> None:
-        with suppress(*self.connection.connection_errors, *self.connection.channel_errors):
+        errors = (*self.connection.connection_errors, *self.connection.channel_errors)
+        if self.taken:
+            with suppress(*errors):
+                self.hand_back()
+        with suppress(*errors):
             self.channel.close()
+
+    def hand_back(self) -> None:
+        """Requeue every message taken and not removed, in its place (py-amqp's channel)."""
+        send = getattr(self.channel, "send_method", None)
+        if send is not None:  # delivery tag 0 with ``multiple``: all that are unacknowledged
+            send(spec.Basic.Nack, "Lbb", (0, True, True))
 
 
 class _ConsumingReader(_BasicGetReader):
@@ -468,22 +484,26 @@ class _ConsumingReader(_BasicGetReader):
     AMQP's 65535), so the messages left in place unacknowledged (skipped, refused, waiting for a
     confirm) never stop the broker from delivering the rest. If nothing arrives for
     ``IDLE`` seconds and the queue holds no ready message, another consumer took the rest:
-    reading ends, as ``basic_get`` finding the queue empty would end it.
+    reading ends, as ``basic_get`` finding the queue empty would end it. The consumer is
+    cancelled before the rest is handed back, so the broker does not deliver it again here.
     """
 
     IDLE = 1.0
+    consumer: Any = None
 
     def messages(self) -> Iterator[_Message]:
         count = self.count()
         if not count:
             return
         arrived: deque[Any] = deque()
-        Consumer(
+        self.consumer = Consumer(
             self.channel,
             [Queue(self.queue, no_declare=True)],  # type: ignore[no-untyped-call]
             on_message=arrived.append,
             prefetch_count=count if count <= _MAX_PREFETCH else 0,
-        ).consume()
+        )
+        self.consumer.consume()
+        self.taken = True
         for _ in range(count):
             while not arrived:
                 try:
@@ -493,6 +513,11 @@ class _ConsumingReader(_BasicGetReader):
                         return
             message = arrived.popleft()
             yield _from_kombu(message, message)
+
+    def hand_back(self) -> None:
+        if self.consumer is not None:
+            self.consumer.cancel()
+        super().hand_back()
 
 
 class _RedisReader(_Reader):

@@ -34,12 +34,10 @@ import os
 import sys
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, MutableMapping
-from contextlib import suppress
 from contextvars import ContextVar, Token
-from types import MappingProxyType
+from types import FrameType, MappingProxyType
 from typing import Any
 
 import structlog
@@ -47,6 +45,7 @@ from billiard.einfo import ExceptionWithTraceback
 from celery import Task, current_task, signals, states
 from celery.app.task import Context
 from celery.utils.log import get_multiprocessing_logger
+from celery.utils.objects import mro_lookup
 from celery.worker.request import Request
 
 from . import _events, _reason
@@ -111,9 +110,10 @@ _UID = "resilient_tasks.observability."
 _Sink = Callable[[str, str, Mapping[str, Any]], None]
 _sinks: list[_Sink] = []
 _state = {"connected": False}
-# The structlog bindings of the tasks running in this context, innermost last.
-_bindings: ContextVar[tuple[tuple[_Described, Mapping[str, Token[Any]]], ...]] = ContextVar(
-    "resilient_tasks_observability_bindings", default=()
+# The innermost task run whose identity task_prerun bound in this context (the runs it is
+# nested in follow its ``outer``).
+_bound: ContextVar[_Described | None] = ContextVar(
+    "resilient_tasks_observability_bound", default=None
 )
 
 
@@ -183,19 +183,31 @@ class _Described:
     """The identity of one task run, read from a worker ``Request``, a task ``Context`` or a
     message's headers."""
 
-    #: When task_prerun saw the run start (``time.monotonic()``), for ``runtime``.
-    started: float | None = None
+    __slots__ = (
+        "_headers",
+        "correlation_id",
+        "hostname",
+        "outer",
+        "parent_id",
+        "queue",
+        "retries",
+        "root_id",
+        "started",
+        "task_id",
+        "task_name",
+        "tokens",
+    )
 
     def __init__(self, source: Any, task: Any = None, task_id: str | None = None) -> None:
         get: Callable[[str], Any]
-        if isinstance(source, Request):
+        if isinstance(source, Context):  # a task's request: its fields are in its __dict__
+            get = source.__dict__.get
+            headers: Any = get("headers")
+        elif isinstance(source, Request):
             get = source.request_dict.get
-            headers: Any = source.request_dict
+            headers = source.request_dict
         elif isinstance(source, Mapping):
             get, headers = source.get, source
-        elif isinstance(source, Context):  # a task's request: its fields are in its __dict__
-            get = source.__dict__.get
-            headers = get("headers")
         else:  # anything else with the attributes (or None)
 
             def get(key: str) -> Any:
@@ -204,9 +216,10 @@ class _Described:
             headers = get("headers")
         delivery = get("delivery_info")
         name = get("task")
+        retries = get("retries")
         self.task_id: str | None = get("id") or task_id
         self.task_name: str | None = name if isinstance(name, str) else getattr(task, "name", None)
-        self.retries: int = _whole(get("retries"))
+        self.retries: int = retries if type(retries) is int else _whole(retries)
         self.queue: str | None = (
             delivery.get("routing_key") if isinstance(delivery, Mapping) else None
         )
@@ -215,18 +228,28 @@ class _Described:
         self.hostname: str | None = get("hostname")
         self._headers: Mapping[str, Any] = headers if isinstance(headers, Mapping) else {}
         self.correlation_id: str | None = self._headers.get(CORRELATION_HEADER) or self.root_id
+        #: When task_prerun saw the run start (``time.monotonic()``), for ``runtime``.
+        self.started: float | None = None
+        #: Once bound (:func:`_bind`): the tokens that restore the keys, and the bound run this
+        #: one is nested in.
+        self.tokens: tuple[Token[Any], ...] = ()
+        self.outer: _Described | None = None
+
+    def values(self) -> tuple[Any, ...]:
+        """The values of :data:`CONTEXT_KEYS`, in that order."""
+        return (
+            self.task_id,
+            self.task_name,
+            self.retries + 1,
+            self.queue,
+            self.root_id,
+            self.parent_id,
+            self.correlation_id,
+        )
 
     def context(self) -> dict[str, Any]:
         """The keys bound in structlog's contextvars while the task runs."""
-        return {
-            "task_id": self.task_id,
-            "task_name": self.task_name,
-            "attempt": self.retries + 1,
-            "queue": self.queue,
-            "root_id": self.root_id,
-            "parent_id": self.parent_id,
-            "correlation_id": self.correlation_id,
-        }
+        return dict(zip(CONTEXT_KEYS, self.values(), strict=True))
 
     def fields(self, **extra: Any) -> dict[str, Any]:
         """The fields every event carries, then ``extra``."""
@@ -272,30 +295,67 @@ def _exception(exc: BaseException | None) -> dict[str, Any]:
 # -- contextvars ---------------------------------------------------------------------------------
 
 
+# structlog's own ContextVar of each of CONTEXT_KEYS (the one ``bind_contextvars`` sets and
+# ``merge_contextvars`` reads), learned once from the tokens of a ``bind_contextvars`` call:
+# setting them directly skips building each variable's name and looking it up, twice per task.
+_key_vars: list[tuple[ContextVar[Any], ...]] = []
+
+
+def _context_vars() -> tuple[ContextVar[Any], ...]:
+    if not _key_vars:
+        tokens = structlog.contextvars.bind_contextvars(**dict.fromkeys(CONTEXT_KEYS))
+        for token in tokens.values():
+            token.var.reset(token)
+        _key_vars.append(tuple(tokens[key].var for key in CONTEXT_KEYS))
+    return _key_vars[0]
+
+
+def _bind_keys(described: _Described) -> tuple[Token[Any], ...]:
+    """Bind :data:`CONTEXT_KEYS` as ``structlog.contextvars.bind_contextvars`` would; return the
+    tokens for :func:`_reset_keys`."""
+    return tuple(map(ContextVar.set, _context_vars(), described.values()))
+
+
+def _reset_keys(tokens: tuple[Token[Any], ...]) -> None:
+    """Restore the keys :func:`_bind_keys` bound to what they were before."""
+    try:
+        for token in tokens:
+            token.var.reset(token)
+    except (ValueError, RuntimeError):  # bound in another context: unbind by name
+        structlog.contextvars.unbind_contextvars(*CONTEXT_KEYS)
+
+
 def _bind(described: _Described) -> None:
-    tokens = structlog.contextvars.bind_contextvars(**described.context())
-    _bindings.set((*_bindings.get(), (described, tokens)))
+    """Bind the run's identity; it becomes the innermost bound run."""
+    described.tokens = _bind_keys(described)
+    described.outer = _bound.get()
+    _bound.set(described)
 
 
 def _bound_described(task_id: str | None) -> _Described | None:
-    """What the innermost binding (task_prerun's) read for ``task_id``, if it is that task's."""
-    stack = _bindings.get()
-    if stack and task_id is not None and stack[-1][0].task_id == task_id:
-        return stack[-1][0]
+    """The innermost bound run (task_prerun's), if it is ``task_id``'s."""
+    top = _bound.get()
+    if top is not None and task_id is not None and top.task_id == task_id:
+        return top
     return None
 
 
 def _unbind(task_id: str | None) -> None:
     """Restore what the innermost binding of ``task_id`` bound to what it was before."""
-    stack = _bindings.get()
-    for index in range(len(stack) - 1, -1, -1):
-        if stack[index][0].task_id == task_id:
-            _bindings.set(stack[:index] + stack[index + 1 :])
-            try:
-                structlog.contextvars.reset_contextvars(**stack[index][1])
-            except (ValueError, RuntimeError):  # bound in another context: unbind by name
-                structlog.contextvars.unbind_contextvars(*stack[index][1])
-            return
+    top = _bound.get()
+    if top is not None and top.task_id == task_id:  # the usual case: the innermost run ended
+        _bound.set(top.outer)
+        _reset_keys(top.tokens)
+        return
+    # A run nested in it never saw its task_postrun: unlink the run of task_id, keep the rest.
+    inner = top
+    while inner is not None and inner.outer is not None and inner.outer.task_id != task_id:
+        inner = inner.outer
+    if inner is None or inner.outer is None:
+        return
+    ended = inner.outer
+    inner.outer = ended.outer
+    _reset_keys(ended.tokens)
 
 
 class ObservabilityMixin(StepsMixin):
@@ -312,8 +372,11 @@ class ObservabilityMixin(StepsMixin):
 
     The binding also covers the other mixins' work inside the call (a retry being scheduled, a
     soft time limit's cleanup, the failure hooks), whatever the order of the bases. After
-    :func:`connect`, Celery's ``task_prerun`` binds the same keys for the whole run, and the
-    mixin binds nothing more.
+    :func:`connect`, the keys stay bound for the whole run, until Celery's ``task_postrun``
+    (so Celery's own result and log lines carry them too): the mixin binds them at the start
+    of its call, where the task's request is at hand, and logs ``task_started`` there; a task
+    with a ``before_start`` of its own, which Celery runs between ``task_prerun`` and the
+    call, has them bound by ``task_prerun`` instead, as a plain task does.
 
     Example::
 
@@ -331,50 +394,81 @@ class ObservabilityMixin(StepsMixin):
             structlog.get_logger().info("exporting")  # carries task_id, attempt, ...
     """
 
+    #: Whether, after :func:`connect`, the call binds the keys (else ``task_prerun`` does).
+    _rt_binds_at_call = True
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         check_before(cls, ObservabilityMixin, Task, "Celery's __call__ would shadow it")
+        cls._rt_binds_at_call = _celerys_own(cls, "before_start")
 
     def _rt_bind(self, request: Any) -> Any:
-        if _state["connected"]:  # task_prerun bound the same keys, until task_postrun
-            return None
-        return structlog.contextvars.bind_contextvars(**_Described(request, self).context())
+        if not _state["connected"]:
+            return _bind_keys(_Described(request, self))
+        if self._rt_binds_at_call:  # bound until task_postrun, as task_prerun binds a plain task
+            _start(_Described(request, self))
+        return None
 
     def _rt_unbind(self, binding: Any) -> None:
-        try:
-            structlog.contextvars.reset_contextvars(**binding)
-        except (ValueError, RuntimeError):  # bound in another context: unbind by name
-            structlog.contextvars.unbind_contextvars(*binding)
+        _reset_keys(binding)
 
 
 # -- Celery's signals -----------------------------------------------------------------------------
 
-# The worker's requests by task id (weakly: gone with the request), for a task_failure Celery
-# sends without the request at hand (the hard time limit of a plain task on Celery 5.7).
-_received: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
-
-
-def _on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
-    task_id = getattr(request, "id", None)
-    if task_id is not None:
-        with suppress(TypeError):  # not weakly referenceable
-            _received[task_id] = request
-
 
 def _describe_run(task: Any, task_id: str | None) -> _Described:
     """What Celery's signal for ``task_id`` says about the run: the task's own request when it
-    is that run's, else the worker's request received for it."""
+    is that run's, else the worker's request that sent the signal."""
     request = getattr(task, "request", None)
     if request is None or getattr(request, "id", None) != task_id:
-        request = _received.get(task_id) if task_id is not None else None
+        request = _sending_request(task_id)
     return _Described(request, task, task_id)
 
 
+#: How many callers up :func:`_sending_request` looks for the worker's ``Request``.
+_SENDER_DEPTH = 8
+
+
+def _sending_request(task_id: str | None) -> Request | None:
+    """The worker ``Request`` of ``task_id`` whose method is sending the signal being received.
+
+    In the worker's main process Celery sends ``task_failure`` from the request's own methods,
+    in some places without pushing the task's request first: ``on_timeout`` for a hard time
+    limit (Celery 5.7), ``on_failure`` for a lost worker (before 5.6). The request is then the
+    ``self`` of a caller a few frames up. Looking there costs nothing on the path every task
+    takes, unlike keeping every request received by its id.
+    """
+    if task_id is None:
+        return None
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(_SENDER_DEPTH):
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Request) and candidate.id == task_id:
+            return candidate
+    return None
+
+
 def _on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
-    described = _describe_run(task if task is not None else sender, task_id)
+    task = task if task is not None else sender
+    if getattr(task, "_rt_binds_at_call", False):  # an ObservabilityMixin task: its call binds
+        return
+    _start(_describe_run(task, task_id))
+
+
+def _start(described: _Described) -> None:
+    """A task run starts: bind its identity until task_postrun, log ``task_started``."""
     described.started = time.monotonic()
     _bind(described)
-    described.record("task_started")
+    if _wanted("task_started"):
+        described.record("task_started")
+
+
+def _celerys_own(cls: type, name: str) -> bool:
+    """Whether ``cls`` takes ``name`` from ``celery.Task`` (as Celery's tracer tells)."""
+    return mro_lookup(cls, name, stop={Task, object}, monkey_patched=["celery.app.task"]) is None
 
 
 def _on_postrun(
@@ -386,7 +480,7 @@ def _on_postrun(
 ) -> None:
     # task_succeeded comes from here rather than from Celery's task_success, which the tracer
     # would otherwise send for every task of the process: one signal less per task.
-    if state == states.SUCCESS:
+    if state == states.SUCCESS and _wanted("task_succeeded"):
         described = _bound_described(task_id)
         if described is None:
             described = _describe_run(task if task is not None else sender, task_id)
@@ -514,7 +608,6 @@ _SIGNALS: tuple[tuple[Any, Callable[..., None]], ...] = (
     (signals.task_revoked, _on_revoked),
     (signals.task_rejected, _on_rejected),
     (signals.task_unknown, _on_unknown),
-    (signals.task_received, _on_received),
     (signals.before_task_publish, _on_before_publish),
 )
 
@@ -525,8 +618,8 @@ def connect() -> None:
 
     Call it where the worker imports your Celery app (and in processes that publish, for the
     correlation id). It connects receivers to Celery's ``task_prerun``, ``task_postrun``,
-    ``task_failure``, ``task_revoked``, ``task_rejected``, ``task_unknown``,
-    ``task_received`` and ``before_task_publish`` signals and a listener to the library's own
+    ``task_failure``, ``task_revoked``, ``task_rejected``, ``task_unknown`` and
+    ``before_task_publish`` signals and a listener to the library's own
     events; it does not configure structlog or ``logging``.
 
     Example::

@@ -67,6 +67,13 @@ def hard(self: Task, log_path: str) -> None:
     time.sleep(30)
 
 
+@app.task(bind=True, name="ev.plain_hard", time_limit=1)
+def plain_hard(self: Task, log_path: str) -> None:
+    """A plain ``celery.Task`` past its hard limit: Celery reports it from the main process."""
+    record(self, log_path)
+    time.sleep(30)
+
+
 @app.task(base=ResilientTask, bind=True, name="ev.context")
 def context(self: Task, log_path: str) -> str:
     """Logs the contextvars it starts with."""

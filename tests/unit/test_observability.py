@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import structlog
+from billiard.einfo import ExceptionInfo
 from celery import Celery, Task, signals
 from celery.app.task import Context
 from celery.contrib.testing.mocks import TaskMessage
@@ -379,18 +380,15 @@ def test_a_revoked_task_says_whether_it_expired(events: CapturedEvents) -> None:
 
 
 def test_a_failure_celery_reports_twice_is_logged_once(events: CapturedEvents) -> None:
-    """Celery 5.7 fires task_failure for a plain task's hard time limit from on_timeout (without
-    the request at hand) and again from on_failure (with it)."""
+    """Celery 5.7 fires task_failure for a plain task's hard time limit from the worker's
+    ``Request.on_timeout`` (without the task's request pushed) and again from its
+    ``on_failure`` (with it); both describe the same attempt."""
     request = worker_request(add, "hard-2", retries=2)
-    signals.task_received.send(sender=None, request=request)
-    exc = TimeLimitExceeded(1.0)
-
-    signals.task_failure.send(sender=add, task_id=request.id, exception=exc)
-    add.request_stack.push(request._context)
+    request.on_timeout(soft=False, timeout=1.0)
     try:
-        signals.task_failure.send(sender=add, task_id=request.id, exception=exc)
-    finally:
-        add.request_stack.pop()
+        raise TimeLimitExceeded(1.0)
+    except TimeLimitExceeded:
+        request.on_failure(ExceptionInfo())
 
     (failed,) = events
     assert failed["event"] == "task_failed"
@@ -756,3 +754,46 @@ def test_the_mixin_and_connect_together_log_once_and_restore_everything(
     ]
     assert (inside["task_id"], inside["attempt"]) == ("both-1", 2)
     assert structlog.contextvars.get_contextvars() == before
+
+
+class StartsItself(ResilientTask):  # type: ignore[misc]
+    """A library task with a ``before_start`` of its own, which Celery runs before the call."""
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        seen["before_start"] = structlog.contextvars.get_contextvars()
+
+
+@app.task(base=StartsItself, name="obs.starts_itself")
+def starts_itself() -> None:
+    pass
+
+
+def test_a_library_tasks_keys_stay_bound_after_its_call_until_task_postrun(
+    connected: None,
+) -> None:
+    """Celery's tracer stores the result and logs its own success line after the call and
+    before ``task_postrun``: those lines carry the task's identity too."""
+    after_call: list[dict[str, Any]] = []
+
+    def record_success(**_: Any) -> None:
+        after_call.append(structlog.contextvars.get_contextvars())
+
+    signals.task_success.connect(record_success, weak=False)
+    try:
+        observed.apply(task_id="after-1")
+    finally:
+        signals.task_success.disconnect(record_success)
+
+    assert [(c.get("task_id"), c.get("task_name")) for c in after_call] == [
+        ("after-1", "obs.observed")
+    ]
+    assert "task_id" not in structlog.contextvars.get_contextvars()
+
+
+def test_a_library_tasks_own_before_start_runs_with_its_keys_bound(
+    events: CapturedEvents,
+) -> None:
+    starts_itself.apply(task_id="before-1")
+
+    assert (seen["before_start"]["task_id"], seen["before_start"]["attempt"]) == ("before-1", 1)
+    assert events.names() == ["task_started", "task_succeeded"]

@@ -167,6 +167,20 @@ def test_a_hard_time_limit(worker: Worker) -> None:
     assert {e["reason"] for e in events[2:]} == {"hard_time_limit"}
 
 
+def test_a_plain_tasks_hard_time_limit_names_its_attempt_and_queue(worker: Worker) -> None:
+    """Celery reports it from the worker's main process, where the task's request is not
+    pushed (Celery 5.7 sends ``task_failure`` from ``Request.on_timeout``, then again from
+    ``on_failure``): the event still carries the run's identity, its third attempt, once."""
+    result = worker.send("ev.plain_hard", retries=2)
+
+    events = wait_for_events(worker, result.id, 2)
+
+    assert names(events) == [("task_started", 3), ("task_failed", 3)]
+    assert_identity(events, worker, "ev.plain_hard", result.id)
+    assert events[1]["reason"] == "hard_time_limit"
+    assert events[1]["exception_type"] == "billiard.exceptions.TimeLimitExceeded"
+
+
 def test_a_revoked_task(worker: Worker) -> None:
     """Revoked by expiry, which needs no remote control: the worker holds the message until its
     countdown and then finds it expired. (Celery also gives the message a TTL, and RabbitMQ

@@ -55,6 +55,10 @@ def test_permanent_failure_is_dead_lettered_once_with_its_story(workers: WorkerR
     assert original["headers"]["tenant"] == "acme"
     assert original["content_type"] == "application/json"
     assert original_body(original).startswith(b"[[42")
+    # The main process got the traceback as text only; the pool child's own error line, written
+    # before the result crossed the pipe, still shows every frame.
+    worker.wait_for(lambda: "Traceback (most recent call last)" in worker.output_text())
+    assert "in permanent" in worker.output_text()
 
 
 def test_exhausted_retries_are_dead_lettered_with_every_attempt(workers: WorkerRunner) -> None:

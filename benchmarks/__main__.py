@@ -36,7 +36,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--brokers", default="rabbitmq,redis", help="comma-separated")
     parser.add_argument("--tasks", type=int, default=5000, help="tasks per throughput run")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=9,
+        help="rounds of the success variants (their ratio swings by several percent a round)",
+    )
+    parser.add_argument(
+        "--failure-rounds",
+        type=int,
+        default=5,
+        help="how many of the rounds also run the failure path and replay",
+    )
     parser.add_argument("--storm-tasks", type=int, default=10_000, help="0 skips the storm")
     parser.add_argument(
         "--storm-hold-timeout",
@@ -66,6 +77,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.tasks, args.rounds, args.storm_tasks, args.storm_hold_timeout = 500, 2, 1000, 30.0
+        args.failure_rounds = 2
         args.inprocess_iterations, args.inprocess_repeats, args.py_spy_tasks = 5000, 5, 1000
     return args
 
@@ -112,7 +124,7 @@ def throughput(sites: dict[str, workload.Site], args: argparse.Namespace) -> dic
             for label, task, with_events in order:
                 entry[label] = workload.success(site, task, args.tasks, events=with_events)
                 say(f"{kind} round {round_ + 1}: {label} {entry[label]['per_second']:,.0f}/s")
-            if args.success_only:
+            if args.success_only or round_ >= args.failure_rounds:
                 say(
                     f"{kind} round {round_ + 1}: ratio "
                     f"{entry['resilient']['per_second'] / entry['plain']['per_second']:.3f}"
@@ -154,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             "tasks": args.tasks,
             "rounds": args.rounds,
+            "failure_rounds": 0 if args.success_only else min(args.failure_rounds, args.rounds),
             "concurrency": workload.CONCURRENCY,
             "prefetch": workload.PREFETCH,
             "loglevel": args.loglevel,

@@ -100,7 +100,8 @@ def markdown(summary: dict[str, Any], chart: str | None) -> str:
         lines += [f"> **{summary['note']}**", ""]
     lines += [
         f"{config['tasks']} tasks per run, {config['rounds']} rounds (the order of the variants "
-        f"rotated every round), `celery worker -P prefork -c {config['concurrency']}`, prefetch "
+        f"rotated every round{_failure_rounds(config)}), "
+        f"`celery worker -P prefork -c {config['concurrency']}`, prefetch "
         f"{config['prefetch']} per process, `--loglevel={config['loglevel']}`, events "
         f"{'connected' if config['events'] else 'not available'}. Medians over rounds.",
         "",
@@ -335,3 +336,10 @@ def chart(summary: dict[str, Any], path: Path) -> str | None:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def _failure_rounds(config: dict[str, Any]) -> str:
+    rounds = config.get("failure_rounds")
+    if not rounds or rounds >= config["rounds"]:
+        return ""
+    return f"; the failure path and replay in the first {rounds}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -82,17 +83,40 @@ def rss_kib(pid: int) -> int:
 
 def depth(connection: Any, queue: str) -> int:
     """Messages ready in ``queue`` (0 if it does not exist)."""
-    channel = connection.channel()
+    probe = DepthProbe(connection, queue)
     try:
-        if hasattr(channel, "_size"):  # Kombu's virtual transports (Redis): no error if absent
-            return int(channel._size(queue))
-        try:
-            return int(channel.queue_declare(queue=queue, passive=True).message_count)
-        except connection.channel_errors:
-            return 0
+        return probe()
     finally:
-        with suppress(Exception):
-            channel.close()
+        probe.close()
+
+
+class DepthProbe:
+    """Counts the messages ready in one queue, again and again, on one channel of an open
+    connection: polling every 20 ms with a new connection each time would cost the broker a
+    handshake 50 times a second, during the very run being timed."""
+
+    def __init__(self, connection: Any, queue: str) -> None:
+        self._connection = connection
+        self._queue = queue
+        self._channel: Any = None
+
+    def __call__(self) -> int:
+        """Messages ready in the queue now (0 while it does not exist)."""
+        if self._channel is None:
+            self._channel = self._connection.channel()
+        if hasattr(self._channel, "_size"):  # Kombu's virtual transports (Redis): 0 if absent
+            return int(self._channel._size(self._queue))
+        try:
+            return int(self._channel.queue_declare(queue=self._queue, passive=True).message_count)
+        except self._connection.channel_errors:  # no such queue yet: the broker closed the channel
+            self.close()
+            return 0
+
+    def close(self) -> None:
+        if self._channel is not None:
+            with suppress(Exception):
+                self._channel.close()
+            self._channel = None
 
 
 class Site:
@@ -191,9 +215,42 @@ class Run:
         with self.client.connection_for_read() as connection:
             return depth(connection, queue)
 
+    @contextmanager
+    def depth_probe(self, queue: str) -> Iterator[DepthProbe]:
+        """A :class:`DepthProbe` of ``queue`` on a connection of its own, for polling."""
+        with self.client.connection_for_read() as connection:
+            probe = DepthProbe(connection, queue)
+            try:
+                yield probe
+            finally:
+                probe.close()
+
 
 def _timeout(tasks: int) -> float:
     return 120 + tasks / 20
+
+
+#: The broker's process, by name, for its CPU time.
+BROKER_PROCESS = {"rabbitmq": "beam.smp", "redis": "redis-server"}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def broker_pids(kind: str) -> list[int]:
+    """The local broker's processes (none for a broker without one, e.g. the filesystem)."""
+    name = BROKER_PROCESS.get(kind)
+    if name is None:
+        return []
+    found = subprocess.run(["pgrep", "-f", name], capture_output=True, text=True, check=False)
+    return [int(pid) for pid in found.stdout.split()]
 
 
 def success(site: Site, task: str, tasks: int, *, events: bool = False) -> dict[str, Any]:
@@ -218,14 +275,16 @@ def failure(
         run.start()
         ended = 0.0
 
-        def all_dead_lettered() -> bool:
-            nonlocal ended
-            if run.depth(dlq) >= tasks:
-                ended = time.time()
-                return True
-            return False
+        with run.depth_probe(dlq) as dead_letters:
 
-        run.wait(all_dead_lettered, _timeout(tasks), f"{tasks} dead letters")
+            def all_dead_lettered() -> bool:
+                nonlocal ended
+                if dead_letters() >= tasks:
+                    ended = time.time()
+                    return True
+                return False
+
+            run.wait(all_dead_lettered, _timeout(tasks), f"{tasks} dead letters")
         slots = run.slots()
         seconds = ended - slots.first
         result = {

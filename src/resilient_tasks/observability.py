@@ -9,7 +9,7 @@ never calls ``structlog.configure()`` otherwise.
 =========================  ======================================  =========
 event                      source                                  level
 =========================  ======================================  =========
-``task_started``           Celery ``task_prerun``                  info
+``task_started``           Celery ``task_prerun`` (or the call)    info
 ``task_succeeded``         Celery ``task_postrun`` (``SUCCESS``)     info
 ``task_retry_scheduled``   the library (``RetryMixin.retry``)      warning
 ``task_failed``            Celery ``task_failure``                 error
@@ -110,8 +110,8 @@ _UID = "resilient_tasks.observability."
 _Sink = Callable[[str, str, Mapping[str, Any]], None]
 _sinks: list[_Sink] = []
 _state = {"connected": False}
-# The innermost task run whose identity task_prerun bound in this context (the runs it is
-# nested in follow its ``outer``).
+# The innermost task run whose identity is bound in this context, until its task_postrun (by
+# task_prerun, or by a library task's own call); the runs it is nested in follow its ``outer``.
 _bound: ContextVar[_Described | None] = ContextVar(
     "resilient_tasks_observability_bound", default=None
 )
@@ -228,7 +228,7 @@ class _Described:
         self.hostname: str | None = get("hostname")
         self._headers: Mapping[str, Any] = headers if isinstance(headers, Mapping) else {}
         self.correlation_id: str | None = self._headers.get(CORRELATION_HEADER) or self.root_id
-        #: When task_prerun saw the run start (``time.monotonic()``), for ``runtime``.
+        #: When the run started (``time.monotonic()``, at task_started), for ``runtime``.
         self.started: float | None = None
         #: Once bound (:func:`_bind`): the tokens that restore the keys, and the bound run this
         #: one is nested in.
@@ -333,7 +333,7 @@ def _bind(described: _Described) -> None:
 
 
 def _bound_described(task_id: str | None) -> _Described | None:
-    """The innermost bound run (task_prerun's), if it is ``task_id``'s."""
+    """The innermost bound run, if it is ``task_id``'s."""
     top = _bound.get()
     if top is not None and task_id is not None and top.task_id == task_id:
         return top

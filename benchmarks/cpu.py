@@ -49,8 +49,7 @@ def measure(site: workload.Site, label: str, tasks: int) -> dict[str, Any]:
         began = time.time()
         run.publish(task, tasks)
         if until_dead_lettered:
-            with run.depth_probe(f"{run.queue}.dlq") as dead_letters:
-                run.wait(lambda: dead_letters() >= tasks, 120 + tasks / 10, "the dead letters")
+            run.wait_for_depth(f"{run.queue}.dlq", tasks, 120 + tasks / 10, "the dead letters")
         else:
             run.wait(lambda: run.slots().count >= tasks, 120 + tasks / 10, f"{tasks} x {task}")
         seconds = time.time() - began

@@ -215,13 +215,14 @@ class Run:
         with self.client.connection_for_read() as connection:
             return depth(connection, queue)
 
-    @contextmanager
-    def depth_probe(self, queue: str) -> Iterator[DepthProbe]:
-        """A :class:`DepthProbe` of ``queue`` on a connection of its own, for polling."""
+    def wait_for_depth(self, queue: str, count: int, timeout: float, what: str) -> float:
+        """Wait until ``queue`` holds ``count`` ready messages, polling it through one
+        :class:`DepthProbe` on a connection of its own; return the ``time.time()`` it did."""
         with self.client.connection_for_read() as connection:
             probe = DepthProbe(connection, queue)
             try:
-                yield probe
+                self.wait(lambda: probe() >= count, timeout, what)
+                return time.time()
             finally:
                 probe.close()
 
@@ -273,18 +274,7 @@ def failure(
         dlq = f"{run.queue}.dlq"
         run.publish("bench.failing", tasks)
         run.start()
-        ended = 0.0
-
-        with run.depth_probe(dlq) as dead_letters:
-
-            def all_dead_lettered() -> bool:
-                nonlocal ended
-                if dead_letters() >= tasks:
-                    ended = time.time()
-                    return True
-                return False
-
-            run.wait(all_dead_lettered, _timeout(tasks), f"{tasks} dead letters")
+        ended = run.wait_for_depth(dlq, tasks, _timeout(tasks), f"{tasks} dead letters")
         slots = run.slots()
         seconds = ended - slots.first
         result = {

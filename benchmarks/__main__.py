@@ -69,6 +69,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="only the success variants (for a longer, steadier ratio: --tasks 20000 --rounds 9)",
     )
+    parser.add_argument(
+        "--only-ratio",
+        action="store_true",
+        help="with --success-only: only plain and resilient, the two variants of the ratio (more "
+        "rounds in the same time: --tasks 5000 --rounds 25)",
+    )
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--py-spy-tasks", type=int, default=5000, help="0 skips py-spy")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
@@ -111,7 +117,7 @@ def throughput(sites: dict[str, workload.Site], args: argparse.Namespace) -> dic
     the dead-lettering one (then replay), broker by broker."""
     events = _events_available()
     variants = [("plain", "bench.plain", False), ("resilient", "bench.resilient", events)]
-    if events:
+    if events and not (args.success_only and args.only_ratio):
         # What connecting the events costs any task, apart from what the library's hooks cost.
         variants.append(("resilient_no_events", "bench.resilient", False))
         variants.append(("plain_events", "bench.plain", True))

@@ -31,6 +31,8 @@ from . import ROOT, workload
 VARIANTS: dict[str, tuple[str, bool, bool]] = {
     "plain": ("bench.plain", False, False),
     "resilient": ("bench.resilient", True, False),
+    "resilient_no_events": ("bench.resilient", False, False),
+    "plain_events": ("bench.plain", True, False),
     "plain_failing": ("bench.plain_failing", False, False),
     "failing_no_dlq": ("bench.failing_no_dlq", True, False),
     "failing": ("bench.failing", True, True),

@@ -23,6 +23,14 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def quartiles(values: list[float]) -> list[float] | None:
+    """The first and third quartile of ``values`` (None for fewer than four)."""
+    if len(values) < 4:
+        return None
+    first, _, third = statistics.quantiles(values, n=4)
+    return [round(first, 4), round(third, 4)]
+
+
 def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     """The figures the docs show, from the raw results of every round."""
     throughput: dict[str, Any] = {}
@@ -41,6 +49,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
             "resilient_no_events_per_second": median(rates("resilient_no_events")),
             "ratio_resilient_to_plain": median(ratios("resilient", "plain")),
             "ratio_per_round": [round(x, 4) for x in ratios("resilient", "plain")],
+            "ratio_quartiles": quartiles(ratios("resilient", "plain")),
             "ratio_no_events_to_plain": median(ratios("resilient_no_events", "plain")),
             "plain_events_per_second": median(rates("plain_events")),
             "ratio_resilient_to_plain_events": median(ratios("resilient", "plain_events")),
@@ -124,7 +133,13 @@ def markdown(summary: dict[str, Any], chart: str | None) -> str:
     for broker, t in throughput.items():
         lines += [
             "",
-            f"Ratio per round on {broker}: " + ", ".join(f"{x:.3f}" for x in t["ratio_per_round"]),
+            f"Ratio per round on {broker}: "
+            + ", ".join(f"{x:.3f}" for x in t["ratio_per_round"])
+            + (
+                f" (quartiles {t['ratio_quartiles'][0]:.3f} and {t['ratio_quartiles'][1]:.3f})"
+                if t.get("ratio_quartiles")
+                else ""
+            ),
         ]
     lines += [
         "",

@@ -5,7 +5,10 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+from collections import OrderedDict
 from datetime import datetime, timezone
+from decimal import Decimal
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -188,6 +191,44 @@ def test_deep_or_cyclic_values_do_not_break_the_envelope() -> None:
     value = jsonable({"cyclic": cyclic, "deep": deep})
 
     json.dumps(value)
+
+
+def test_jsonable_converts_every_kind_of_value_as_json_carries_it() -> None:
+    class Text(str):
+        pass
+
+    class Count(int):
+        pass
+
+    value = {
+        "none": None,
+        "flag": True,
+        "count": Count(3),
+        "ratio": 0.5,
+        "nan": float("nan"),
+        "text": Text("x" * 10),
+        "ordered": OrderedDict([(1, ("a", {"b": b"\x00"}))]),
+        "proxy": MappingProxyType({"k": frozenset({2})}),
+        "set": {7},
+        "object": Decimal("1.5"),
+    }
+
+    converted = jsonable(value, limit=8)
+
+    assert converted == {
+        "none": None,
+        "flag": True,
+        "count": 3,
+        "ratio": 0.5,
+        "nan": "nan",
+        "text": "xxxxx...",
+        "ordered": {"1": ["a", {"b": "b'\\x00'"}]},
+        "proxy": {"k": [2]},
+        "set": [7],
+        "object": "Decim...",
+    }
+    assert json.loads(json.dumps(converted)) == converted
+    assert jsonable("x" * 10, limit=None) == "x" * 10
 
 
 def test_is_envelope_tells_envelopes_from_task_messages() -> None:

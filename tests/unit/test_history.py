@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime, timedelta, timezone
 
@@ -473,3 +474,18 @@ def test_from_headers_reads_the_resilient_history_header() -> None:
 
 def test_header_name_is_resilient_history() -> None:
     assert HEADER == "resilient_history"
+
+
+def test_attempt_as_dict_writes_every_field_and_reads_back() -> None:
+    attempt = Attempt.failed(
+        2,
+        ConnectionError("reset"),
+        hostname="w1",
+        delay=1.5,
+        at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    )
+
+    written = attempt.as_dict()
+
+    assert written == dataclasses.asdict(attempt)  # a field added later is written too
+    assert Attempt.from_dict(json.loads(json.dumps(written))) == attempt

@@ -177,8 +177,8 @@ def jsonable(value: Any, depth: int = 0, *, limit: int | None = MAX_REPR_CHARS) 
     if isinstance(value, str):
         return _cut(value, limit)
     if depth < _MAX_DEPTH:
-        # dict and list by exact type first: the ABC check (``Mapping``) costs about a
-        # microsecond, and an envelope converts the message's headers key by key.
+        # dict and list by exact type first, before the slower ABC check (``Mapping``): an
+        # envelope converts the message's headers and properties value by value.
         if kind is dict or isinstance(value, Mapping):
             return {str(k): jsonable(v, depth + 1, limit=limit) for k, v in value.items()}
         if kind is list or kind is tuple or isinstance(value, list | tuple | set | frozenset):

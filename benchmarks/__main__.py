@@ -80,12 +80,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--note", default="", help="shown above the figures, e.g. 'noisy'")
     parser.add_argument("--no-docs", action="store_true", help="write the JSON only")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.tasks, args.rounds, args.storm_tasks, args.storm_hold_timeout = 500, 2, 1000, 30.0
-        args.failure_rounds = 2
-        args.inprocess_iterations, args.inprocess_repeats, args.py_spy_tasks = 5000, 5, 1000
-    return args
+    if parser.parse_known_args(argv)[0].quick:
+        # Small sizes as defaults, so that an option given beside --quick still counts.
+        parser.set_defaults(
+            tasks=500,
+            rounds=2,
+            failure_rounds=2,
+            storm_tasks=1000,
+            storm_hold_timeout=30.0,
+            inprocess_iterations=5000,
+            inprocess_repeats=5,
+            py_spy_tasks=1000,
+        )
+    return parser.parse_args(argv)
 
 
 def machine() -> dict[str, Any]:

@@ -72,8 +72,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--only-ratio",
         action="store_true",
-        help="with --success-only: only plain and resilient, the two variants of the ratio (more "
-        "rounds in the same time: --tasks 5000 --rounds 25)",
+        help="only plain and resilient, the two variants of the ratio (implies --success-only; "
+        "more rounds in the same time: --tasks 5000 --rounds 25)",
     )
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--py-spy-tasks", type=int, default=5000, help="0 skips py-spy")
@@ -92,7 +92,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
             inprocess_repeats=5,
             py_spy_tasks=1000,
         )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.success_only = args.success_only or args.only_ratio
+    return args
 
 
 def machine() -> dict[str, Any]:
@@ -124,7 +126,7 @@ def throughput(sites: dict[str, workload.Site], args: argparse.Namespace) -> dic
     the dead-lettering one (then replay), broker by broker."""
     events = _events_available()
     variants = [("plain", "bench.plain", False), ("resilient", "bench.resilient", events)]
-    if events and not (args.success_only and args.only_ratio):
+    if events and not args.only_ratio:
         # What connecting the events costs any task, apart from what the library's hooks cost.
         variants.append(("resilient_no_events", "bench.resilient", False))
         variants.append(("plain_events", "bench.plain", True))

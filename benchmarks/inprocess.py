@@ -79,7 +79,10 @@ def make_app() -> tuple[Celery, dict[str, Task]]:
         )(noop),
     }
     app.finalize()
-    return app, tasks
+    # app.task() hands back a proxy until the app is finalized; a worker's tracer gets the task
+    # itself (from app.tasks), and a proxy would add a layer to every call of a task that has a
+    # __call__ of its own.
+    return app, {label: app.tasks[task.name] for label, task in tasks.items()}
 
 
 def tracer_call(app: Celery, task: Task) -> Callable[[], Any]:

@@ -187,6 +187,7 @@ class _Described:
         "_headers",
         "correlation_id",
         "hostname",
+        "logged",
         "outer",
         "parent_id",
         "queue",
@@ -199,34 +200,31 @@ class _Described:
     )
 
     def __init__(self, source: Any, task: Any = None, task_id: str | None = None) -> None:
-        get: Callable[[str], Any]
-        if isinstance(source, Context):  # a task's request: its fields are in its __dict__
-            get = source.__dict__.get
-            headers: Any = get("headers")
+        # Read once per task run: the common sources (a task's Context, whose fields are in its
+        # __dict__, and plain dicts) are tested by exact type before the Mapping ABC.
+        fields: Mapping[str, Any]
+        if isinstance(source, Context):
+            fields = source.__dict__
+            headers: Any = fields.get("headers")
         elif isinstance(source, Request):
-            get = source.request_dict.get
-            headers = source.request_dict
-        elif isinstance(source, Mapping):
-            get, headers = source.get, source
+            fields = headers = source.request_dict
+        elif type(source) is dict or isinstance(source, Mapping):
+            fields = headers = source
         else:  # anything else with the attributes (or None)
-
-            def get(key: str) -> Any:
-                return getattr(source, key, None)
-
-            headers = get("headers")
-        delivery = get("delivery_info")
+            fields = {key: getattr(source, key, None) for key in _READ}
+            headers = fields["headers"]
+        get = fields.get
+        delivery: Any = get("delivery_info")
         name = get("task")
         retries = get("retries")
         self.task_id: str | None = get("id") or task_id
-        self.task_name: str | None = name if isinstance(name, str) else getattr(task, "name", None)
+        self.task_name: str | None = name if type(name) is str else _name(name, task)
         self.retries: int = retries if type(retries) is int else _whole(retries)
-        self.queue: str | None = (
-            delivery.get("routing_key") if isinstance(delivery, Mapping) else None
-        )
+        self.queue: str | None = delivery.get("routing_key") if _is_mapping(delivery) else None
         self.root_id: str | None = get("root_id")
         self.parent_id: str | None = get("parent_id")
         self.hostname: str | None = get("hostname")
-        self._headers: Mapping[str, Any] = headers if isinstance(headers, Mapping) else {}
+        self._headers: Mapping[str, Any] = headers if _is_mapping(headers) else {}
         self.correlation_id: str | None = self._headers.get(CORRELATION_HEADER) or self.root_id
         #: When the run started (``time.monotonic()``, at task_started), for ``runtime``.
         self.started: float | None = None
@@ -234,6 +232,8 @@ class _Described:
         #: one is nested in.
         self.tokens: tuple[Token[Any], ...] = ()
         self.outer: _Described | None = None
+        #: Whether its info events are logged (asked once, at task_started, for the run).
+        self.logged = False
 
     def values(self) -> tuple[Any, ...]:
         """The values of :data:`CONTEXT_KEYS`, in that order."""
@@ -256,14 +256,31 @@ class _Described:
         return {**self.context(), "hostname": self.hostname, **extra}
 
     def record(self, event: str, **extra: Any) -> None:
-        if not _wanted(event):
-            return
+        """Log ``event`` for this run, unless it would be filtered out."""
+        if _wanted(event):
+            self.emit(event, **extra)
+
+    def emit(self, event: str, **extra: Any) -> None:
+        """Log ``event`` for this run (the caller knows it is wanted)."""
         _record(
             event,
             self.fields(**extra),
             retries=self.retries,
             redelivered=redeliveries(self._headers),
         )
+
+
+#: What :class:`_Described` reads from a source that is neither a request nor a mapping.
+_READ = ("delivery_info", "task", "retries", "id", "root_id", "parent_id", "hostname", "headers")
+
+
+def _is_mapping(value: Any) -> bool:
+    return type(value) is dict or isinstance(value, Mapping)
+
+
+def _name(name: Any, task: Any) -> str | None:
+    """The task's name, when the request's ``task`` field is not one."""
+    return name if isinstance(name, str) else getattr(task, "name", None)
 
 
 def _whole(value: Any) -> int:
@@ -462,8 +479,10 @@ def _start(described: _Described) -> None:
     """A task run starts: bind its identity until task_postrun, log ``task_started``."""
     described.started = time.monotonic()
     _bind(described)
-    if _wanted("task_started"):
-        described.record("task_started")
+    # task_started and task_succeeded share a level: ask once for the run whether it is logged.
+    described.logged = _wanted("task_started")
+    if described.logged:
+        described.emit("task_started")
 
 
 def _celerys_own(cls: type, name: str) -> bool:
@@ -480,14 +499,17 @@ def _on_postrun(
 ) -> None:
     # task_succeeded comes from here rather than from Celery's task_success, which the tracer
     # would otherwise send for every task of the process: one signal less per task.
-    if state == states.SUCCESS and _wanted("task_succeeded"):
-        described = _bound_described(task_id)
-        if described is None:
-            described = _describe_run(task if task is not None else sender, task_id)
-        extra = {}
-        if described.started is not None:
-            extra["runtime"] = round(time.monotonic() - described.started, 6)
-        described.record("task_succeeded", **extra)
+    described = _bound_described(task_id)
+    if state == states.SUCCESS:
+        if described is None:  # not bound here (a postrun without its prerun): ask again
+            if _wanted("task_succeeded"):
+                _describe_run(task if task is not None else sender, task_id).record(
+                    "task_succeeded"
+                )
+        elif described.logged:
+            started = described.started
+            runtime = None if started is None else round(time.monotonic() - started, 6)
+            described.emit("task_succeeded", runtime=runtime)
     _unbind(task_id)
 
 

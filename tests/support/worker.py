@@ -135,6 +135,10 @@ class WorkerRunner:
         self.workers: list[Worker] = []
         self.queues: set[str] = set()
         self._count = 0
+        #: What the worker's command starts with, before the interpreter (the benchmarks run it
+        #: under Valgrind this way), and how long it may take to be ready.
+        self.launcher: tuple[str, ...] = ()
+        self.ready_timeout = READY_TIMEOUT
 
     def settings(self, queue: str, **overrides: Any) -> dict[str, Any]:
         results = self.tmp_path / "results"
@@ -186,7 +190,7 @@ class WorkerRunner:
             ),
         }
         cmd = [
-            sys.executable, "-m", "celery", "-A", module, "worker",
+            *self.launcher, sys.executable, "-m", "celery", "-A", module, "worker",
             "-P", pool, "-c", str(concurrency), "-Q", ",".join(queues),
             "-n", f"{self.broker.prefix}-{label}@%h",
             "--without-heartbeat", "--without-gossip", "--without-mingle",
@@ -202,7 +206,7 @@ class WorkerRunner:
             process, client, queues[0], queues, self.tmp_path / f"{label}.log", output, conf, module
         )
         self.workers.append(worker)
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + self.ready_timeout
         while not ready.exists():
             if process.poll() is not None or time.monotonic() > deadline:
                 self.stop(worker)

@@ -14,7 +14,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -271,6 +271,96 @@ def test_each_event_is_logged_through_structlog_at_its_level(connected: None) ->
     logged = {entry["event"]: entry["log_level"] for entry in logs}
     assert logged == dict(EVENTS)
     assert all(entry["event"] in EVENTS for entry in logs)
+
+
+def test_task_succeeded_carries_the_seconds_since_task_started(events: CapturedEvents) -> None:
+    add.apply((1, 2), task_id="timed-1")
+
+    started, succeeded = events
+    assert (started["event"], succeeded["event"]) == ("task_started", "task_succeeded")
+    assert "runtime" not in started
+    assert isinstance(succeeded["runtime"], float)
+    assert 0 <= succeeded["runtime"] < 5
+
+
+def test_info_events_filtered_out_are_not_logged_and_the_rest_are(connected: None) -> None:
+    config = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            add.apply((1, 2), task_id="quiet-1")
+            boom.apply(task_id="quiet-2")
+    finally:
+        structlog.configure(**config)
+
+    assert [(entry["event"], entry["task_id"]) for entry in logs] == [("task_failed", "quiet-2")]
+    assert "task_id" not in structlog.contextvars.get_contextvars()
+
+
+def test_a_postrun_without_its_prerun_still_logs_task_succeeded(events: CapturedEvents) -> None:
+    # A receiver connected mid-run (or a signal sent by hand) sees a postrun it never bound.
+    signals.task_postrun.send(
+        sender=add,
+        task_id="orphan-1",
+        task=add,
+        args=(),
+        kwargs={},
+        retval=3,
+        state="SUCCESS",
+    )
+
+    (event,) = events
+    assert (event["event"], event["task_id"], event["task_name"]) == (
+        "task_succeeded",
+        "orphan-1",
+        "obs.add",
+    )
+    assert "runtime" not in event
+
+
+@pytest.mark.parametrize(
+    "as_source",
+    [
+        pytest.param(lambda fields: SimpleNamespace(**fields), id="object-with-attributes"),
+        # a mapping is a message's headers: the correlation header is one of its keys
+        pytest.param(
+            lambda fields: MappingProxyType({**fields, **fields["headers"]}),
+            id="mapping-not-a-dict",
+        ),
+    ],
+)
+def test_an_event_reads_its_identity_from_any_request_like_source(
+    events: CapturedEvents, as_source: Any
+) -> None:
+    fields = {
+        "id": "src-1",
+        "task": "obs.boom",
+        "retries": "2",
+        "delivery_info": {"routing_key": "billing"},
+        "root_id": "root-1",
+        "parent_id": "parent-1",
+        "hostname": "w9@host",
+        "headers": {observability.CORRELATION_HEADER: "corr-1"},
+    }
+
+    _events.emit(
+        "task_soft_time_limit",
+        task=boom,
+        request=as_source(fields),
+        exception=SoftTimeLimitExceeded(),
+    )
+
+    (event,) = events
+    assert {key: event[key] for key in (*IDENTITY, "parent_id", "correlation_id", "hostname")} == {
+        "task_id": "src-1",
+        "task_name": "obs.boom",
+        "attempt": 3,
+        "queue": "billing",
+        "root_id": "root-1",
+        "parent_id": "parent-1",
+        "correlation_id": "corr-1",
+        "hostname": "w9@host",
+    }
 
 
 def test_every_event_carries_the_task_identity(events: CapturedEvents) -> None:

@@ -1,0 +1,230 @@
+"""Instructions per task, counted by Valgrind's callgrind: a cost that does not move with the
+machine's load, so that variants differing by a fraction of a percent can be told apart.
+
+Not part of ``nox -s bench`` (it needs ``valgrind`` and takes minutes). Two places to count:
+
+* ``inprocess`` (about 40 s a variant): Celery's tracer in one process, as
+  :mod:`benchmarks.inprocess` runs it, ``--tasks`` calls less none (so the imports and the
+  set-up cancel out). It splits the cost by part:
+
+  - ``plain``, ``resilient``: the task without events;
+  - ``plain_receivers``: the plain task with a no-op receiver on ``task_prerun`` and
+    ``task_postrun``, i.e. what Celery's own signal dispatch costs a task once anything listens;
+  - ``resilient_events``, ``plain_events``: after ``configure_logging()`` and ``connect()``,
+    the log level at WARNING (the events built and filtered out, as on a worker at
+    ``--loglevel=WARNING``);
+  - ``resilient_events_logged``: the same at INFO, every event rendered as JSON into
+    ``os.devnull``.
+
+* ``worker`` (a few minutes a variant): a real ``celery worker -P prefork -c 2`` on the broker
+  (the main process and both pool children, every file callgrind writes), run once with
+  ``--warmup`` tasks and once with ``--warmup`` + ``--tasks``, started after the messages are
+  published and stopped warm once the last is done; the difference over ``--tasks``.
+  Variants: ``plain``, ``resilient`` (events connected), ``resilient_no_events``,
+  ``plain_events``, as in :mod:`benchmarks.cpu`. It reports the main process apart (valgrind
+  runs the program in the process it was started as, so its file has the worker's pid). The
+  broker's own work is not counted.
+
+Both run Python with ``PYTHONHASHSEED=0``; repeated counts agree to a few tenths of a percent.
+
+Examples::
+
+    python -m benchmarks.instructions inprocess
+    python -m benchmarks.instructions worker --broker rabbitmq --variants plain,resilient
+
+Prints a table and writes ``benchmarks/results/instructions-<where>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import ROOT, workload
+
+INPROCESS = (
+    "plain",
+    "resilient",
+    "plain_receivers",
+    "resilient_events",
+    "plain_events",
+    "resilient_events_logged",
+)
+#: label: (task, events connected), as in benchmarks.cpu
+WORKER: dict[str, tuple[str, bool]] = {
+    "plain": ("bench.plain", False),
+    "resilient": ("bench.resilient", True),
+    "resilient_no_events": ("bench.resilient", False),
+    "plain_events": ("bench.plain", True),
+}
+_TOTAL = re.compile(rb"^(?:summary|totals): (\d+)", re.MULTILINE)
+
+
+def valgrind(out: Path) -> tuple[str, ...]:
+    """The command prefix that runs a program under callgrind, one output file per process."""
+    found = shutil.which("valgrind")
+    if found is None:
+        raise SystemExit("python -m benchmarks.instructions needs valgrind on the PATH")
+    return (found, "--tool=callgrind", f"--callgrind-out-file={out}/callgrind.%p.out")
+
+
+def counted(folder: Path) -> dict[int, int]:
+    """The instructions of every process callgrind wrote a file for in ``folder``, by pid."""
+    totals: dict[int, int] = {}
+    for path in folder.glob("callgrind.*.out"):
+        found = _TOTAL.search(path.read_bytes())
+        if found is None:
+            raise RuntimeError(f"{path} has no total: did the process end before callgrind did?")
+        totals[int(path.name.split(".")[1])] = int(found.group(1))
+    return totals
+
+
+# -- in one process --------------------------------------------------------------------------
+
+
+def loop(variant: str, calls: int) -> None:
+    """What runs under callgrind: the variant's set-up, a warm-up, then ``calls`` calls."""
+    from celery import signals
+    from celery.app.trace import setup_worker_optimizations
+
+    from . import inprocess
+
+    app, tasks = inprocess.make_app()
+    setup_worker_optimizations(app, inprocess.HOSTNAME)
+    call = inprocess.tracer_call(app, tasks[variant.split("_", 1)[0]])
+    if variant == "plain_receivers":
+        for signal in (signals.task_prerun, signals.task_postrun):
+            signal.connect(_nothing, weak=False)
+    elif "events" in variant:
+        inprocess._events_on()
+        if not variant.endswith("logged"):
+            logging.getLogger().setLevel(logging.WARNING)
+    for _ in range(300):
+        call()
+    for _ in range(calls):
+        call()
+
+
+def _nothing(**_: Any) -> None:
+    """A receiver that does nothing."""
+
+
+def inprocess_counts(variants: list[str], calls: int) -> dict[str, float]:
+    results: dict[str, float] = {}
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    for variant in variants:
+        totals = []
+        for n in (0, calls):
+            with tempfile.TemporaryDirectory(prefix="rt-callgrind-") as tmp:
+                program = (sys.executable, "-m", "benchmarks.instructions", "_loop", variant)
+                subprocess.run(
+                    [*valgrind(Path(tmp)), *program, str(n)],
+                    cwd=ROOT,
+                    env=env,
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                totals.append(sum(counted(Path(tmp)).values()))
+        results[variant] = (totals[1] - totals[0]) / calls
+        print(f"inprocess {variant:24} {results[variant]:10,.0f} instructions a task", flush=True)
+    return results
+
+
+# -- a real worker ---------------------------------------------------------------------------
+
+
+def worker_counts(
+    kind: str, variants: list[str], warmup: int, tasks: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Instructions per task of the whole worker and of its main process alone, by variant."""
+    os.environ["PYTHONHASHSEED"] = "0"  # the worker inherits the environment
+    sites, skipped = workload.available([kind])
+    if kind in skipped:
+        raise SystemExit(f"{kind}: {skipped[kind]}")
+    site = sites[kind]
+    results: dict[str, float] = {}
+    main: dict[str, float] = {}
+    try:
+        site.runner.ready_timeout = 600.0
+        for variant in variants:
+            task, events = WORKER[variant]
+            (total0, main0), (total1, main1) = (
+                _worker_run(site, variant, task, events, n) for n in (warmup, warmup + tasks)
+            )
+            results[variant] = (total1 - total0) / tasks
+            main[variant] = (main1 - main0) / tasks
+            print(
+                f"{kind} {variant:22} {results[variant]:12,.0f} instructions a task,"
+                f" {main[variant]:10,.0f} of them in the main process",
+                flush=True,
+            )
+    finally:
+        site.runner.launcher = ()
+        site.close()
+    return results, main
+
+
+def _worker_run(
+    site: workload.Site, label: str, task: str, events: bool, count: int
+) -> tuple[int, int]:
+    """Instructions of a worker that ran ``count`` tasks: in all, and in its main process."""
+    out = Path(tempfile.mkdtemp(prefix="rt-callgrind-", dir=site.tmp))
+    site.runner.launcher = valgrind(out)
+    with site.run(label, events=events) as run:
+        run.publish(task, count)
+        worker = run.start()
+        run.wait(lambda: run.slots().count >= count, 600 + count, f"{count} x {task}")
+        # Warm shutdown, with the time callgrind needs to write its files.
+        site.runner.stop(worker, timeout=600)
+        run.worker = None
+    totals = counted(out)  # valgrind runs the program in its own process: the pid is the worker's
+    return sum(totals.values()), totals[worker.process.pid]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["_loop"]:
+        loop(args_list[1], int(args_list[2]))
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__)
+    parser.add_argument("where", choices=("inprocess", "worker"))
+    parser.add_argument("--variants", help="comma-separated (default: all of that place)")
+    parser.add_argument("--tasks", type=int, help="inprocess: 2000 calls; worker: 1000 tasks")
+    parser.add_argument("--warmup", type=int, default=100, help="worker: tasks of the base run")
+    parser.add_argument("--broker", default="rabbitmq", help="worker: rabbitmq or redis")
+    args = parser.parse_args(args_list)
+    record: dict[str, Any] = {"where": args.where}
+    if args.where == "inprocess":
+        variants = args.variants.split(",") if args.variants else list(INPROCESS)
+        results = inprocess_counts(variants, args.tasks or 2000)
+        base = results.get("plain")
+    else:
+        variants = args.variants.split(",") if args.variants else list(WORKER)
+        results, main_process = worker_counts(
+            args.broker, variants, args.warmup, args.tasks or 1000
+        )
+        base = results.get("plain")
+        record["main_process"] = main_process
+        record["broker"] = args.broker
+    if base:
+        for variant, value in results.items():
+            print(f"{variant:24} {value / base:6.3f} of plain, {value - base:+10,.0f}")
+    out = ROOT / "benchmarks" / "results" / f"instructions-{args.where}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record["per_task"] = results
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -49,7 +49,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import ROOT, workload
+from . import ROOT, cpu, workload
 
 INPROCESS = (
     "plain",
@@ -59,13 +59,8 @@ INPROCESS = (
     "plain_events",
     "resilient_events_logged",
 )
-#: label: (task, events connected), as in benchmarks.cpu
-WORKER: dict[str, tuple[str, bool]] = {
-    "plain": ("bench.plain", False),
-    "resilient": ("bench.resilient", True),
-    "resilient_no_events": ("bench.resilient", False),
-    "plain_events": ("bench.plain", True),
-}
+#: The success-path variants of benchmarks.cpu, whose (task, events connected) it names.
+WORKER = ("plain", "resilient", "resilient_no_events", "plain_events")
 _TOTAL = re.compile(rb"^(?:summary|totals): (\d+)", re.MULTILINE)
 
 
@@ -157,7 +152,7 @@ def worker_counts(
     try:
         site.runner.ready_timeout = 600.0
         for variant in variants:
-            task, events = WORKER[variant]
+            task, events, _ = cpu.VARIANTS[variant]
             (total0, main0), (total1, main1) = (
                 _worker_run(site, variant, task, events, n) for n in (warmup, warmup + tasks)
             )
@@ -207,15 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.where == "inprocess":
         variants = args.variants.split(",") if args.variants else list(INPROCESS)
         results = inprocess_counts(variants, args.tasks or 2000)
-        base = results.get("plain")
     else:
         variants = args.variants.split(",") if args.variants else list(WORKER)
         results, main_process = worker_counts(
             args.broker, variants, args.warmup, args.tasks or 1000
         )
-        base = results.get("plain")
         record["main_process"] = main_process
         record["broker"] = args.broker
+    base = results.get("plain")
     if base:
         for variant, value in results.items():
             print(f"{variant:24} {value / base:6.3f} of plain, {value - base:+10,.0f}")

@@ -208,7 +208,7 @@ class _Described:
             headers: Any = fields.get("headers")
         elif isinstance(source, Request):
             fields = headers = source.request_dict
-        elif type(source) is dict or isinstance(source, Mapping):
+        elif _is_mapping(source):
             fields = headers = source
         else:  # anything else with the attributes (or None)
             fields = {key: getattr(source, key, None) for key in _READ}
@@ -218,7 +218,7 @@ class _Described:
         name = get("task")
         retries = get("retries")
         self.task_id: str | None = get("id") or task_id
-        self.task_name: str | None = name if type(name) is str else _name(name, task)
+        self.task_name: str | None = name if isinstance(name, str) else getattr(task, "name", None)
         self.retries: int = retries if type(retries) is int else _whole(retries)
         self.queue: str | None = delivery.get("routing_key") if _is_mapping(delivery) else None
         self.root_id: str | None = get("root_id")
@@ -275,12 +275,8 @@ _READ = ("delivery_info", "task", "retries", "id", "root_id", "parent_id", "host
 
 
 def _is_mapping(value: Any) -> bool:
+    """``isinstance(value, Mapping)``, a plain dict tested first by its exact type."""
     return type(value) is dict or isinstance(value, Mapping)
-
-
-def _name(name: Any, task: Any) -> str | None:
-    """The task's name, when the request's ``task`` field is not one."""
-    return name if isinstance(name, str) else getattr(task, "name", None)
 
 
 def _whole(value: Any) -> int:

@@ -257,10 +257,14 @@ def markdown(summary: dict[str, Any], chart: str | None) -> str:
         if not spy.get("samples"):
             continue
         shares = ", ".join(f"{k} {v:.0f} %" for k, v in spy["by_process_percent"].items())
+        samples = f"py-spy, {spy['samples']:,} samples: {shares}"
+        heading = f"**Worker profile, {spy['task']}** ({samples})."
+        if not spy["library_frames_inclusive"]:
+            lines += ["", f"{heading} No sample had a library frame on its stack."]
+            continue
         lines += [
             "",
-            f"**Worker profile, {spy['task']}** (py-spy, {spy['samples']:,} samples: {shares}). "
-            "Library frames, inclusive share of all samples:",
+            f"{heading} Library frames, inclusive share of all samples:",
             "",
             "| frame | % |",
             "|---|---:|",

@@ -75,6 +75,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="only plain and resilient, the two variants of the ratio (implies --success-only; "
         "more rounds in the same time: --tasks 5000 --rounds 25)",
     )
+    parser.add_argument(
+        "--library-events",
+        action="store_true",
+        help="with --only-ratio: also the resilient task after connect(plain_tasks=False)",
+    )
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--py-spy-tasks", type=int, default=5000, help="0 skips py-spy")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
@@ -125,11 +130,17 @@ def throughput(sites: dict[str, workload.Site], args: argparse.Namespace) -> dic
     """Rounds of the success variants (order rotated every round), Celery's own failure path and
     the dead-lettering one (then replay), broker by broker."""
     events = _events_available()
-    variants = [("plain", "bench.plain", False), ("resilient", "bench.resilient", events)]
+    variants: list[tuple[str, str, bool | str]] = [
+        ("plain", "bench.plain", False),
+        ("resilient", "bench.resilient", events),
+    ]
     if events and not args.only_ratio:
         # What connecting the events costs any task, apart from what the library's hooks cost.
         variants.append(("resilient_no_events", "bench.resilient", False))
         variants.append(("plain_events", "bench.plain", True))
+    if events and (args.library_events or not args.only_ratio):
+        # connect(plain_tasks=False): no task_prerun/task_postrun receivers, so no dispatch.
+        variants.append(("resilient_library_events", "bench.resilient", "library"))
     results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in sites}
     for round_ in range(args.rounds):
         order = variants[round_ % len(variants) :] + variants[: round_ % len(variants)]

@@ -27,12 +27,14 @@ from typing import Any
 
 from . import ROOT, workload
 
-#: label: (task, events connected, ends when the dead-letter queue holds every envelope)
-VARIANTS: dict[str, tuple[str, bool, bool]] = {
+#: label: (task, events connected (``"library"``: ``connect(plain_tasks=False)``), ends when
+#: the dead-letter queue holds every envelope)
+VARIANTS: dict[str, tuple[str, bool | str, bool]] = {
     "plain": ("bench.plain", False, False),
     "resilient": ("bench.resilient", True, False),
     "resilient_no_events": ("bench.resilient", False, False),
     "plain_events": ("bench.plain", True, False),
+    "resilient_library_events": ("bench.resilient", "library", False),
     "plain_failing": ("bench.plain_failing", False, False),
     "failing_no_dlq": ("bench.failing_no_dlq", True, False),
     "failing": ("bench.failing", True, True),

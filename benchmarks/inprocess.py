@@ -140,8 +140,9 @@ def _delta(samples: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(x - y for x, y in zip(samples[a], samples[b], strict=True))
 
 
-def _events_on() -> bool:
-    """Events connected and rendered as JSON into a handler that writes to ``os.devnull``."""
+def _events_on(*, plain_tasks: bool = True) -> bool:
+    """Events connected (``connect(plain_tasks=...)``) and rendered as JSON into a handler that
+    writes to ``os.devnull``."""
     try:
         from resilient_tasks import observability
     except ImportError:
@@ -153,7 +154,7 @@ def _events_on() -> bool:
     signals.after_setup_logger.send(
         sender=None, logger=root, loglevel=logging.INFO, logfile=None, format="", colorize=False
     )
-    observability.connect()
+    observability.connect(plain_tasks=plain_tasks)
     return True
 
 

@@ -13,15 +13,18 @@ Not part of ``nox -s bench`` (it needs ``valgrind`` and takes minutes). Two plac
   - ``resilient_events``, ``plain_events``: after ``configure_logging()`` and ``connect()``,
     the log level at WARNING (the events built and filtered out, as on a worker at
     ``--loglevel=WARNING``);
-  - ``resilient_events_logged``: the same at INFO, every event rendered as JSON into
-    ``os.devnull``.
+  - ``resilient_library_events``: the resilient task after ``connect(plain_tasks=False)``
+    (no ``task_prerun`` / ``task_postrun`` receivers), at WARNING;
+  - ``resilient_events_logged``: the same as ``resilient_events`` at INFO, every event
+    rendered as JSON into ``os.devnull``.
 
 * ``worker`` (a few minutes a variant): a real ``celery worker -P prefork -c 2`` on the broker
   (the main process and both pool children, every file callgrind writes), run once with
   ``--warmup`` tasks and once with ``--warmup`` + ``--tasks``, started after the messages are
   published and stopped warm once the last is done; the difference over ``--tasks``.
   Variants: ``plain``, ``resilient`` (events connected), ``resilient_no_events``,
-  ``plain_events``, as in :mod:`benchmarks.cpu`. It reports the main process apart (valgrind
+  ``plain_events``, ``resilient_library_events`` (``connect(plain_tasks=False)``), as in
+  :mod:`benchmarks.cpu`. It reports the main process apart (valgrind
   runs the program in the process it was started as, so its file has the worker's pid). The
   broker's own work is not counted.
 
@@ -57,10 +60,11 @@ INPROCESS = (
     "plain_receivers",
     "resilient_events",
     "plain_events",
+    "resilient_library_events",
     "resilient_events_logged",
 )
 #: The success-path variants of benchmarks.cpu, whose (task, events connected) it names.
-WORKER = ("plain", "resilient", "resilient_no_events", "plain_events")
+WORKER = ("plain", "resilient", "resilient_no_events", "plain_events", "resilient_library_events")
 _TOTAL = re.compile(rb"^(?:summary|totals): (\d+)", re.MULTILINE)
 
 
@@ -100,7 +104,7 @@ def loop(variant: str, calls: int) -> None:
         for signal in (signals.task_prerun, signals.task_postrun):
             signal.connect(_nothing, weak=False)
     elif "events" in variant:
-        inprocess._events_on()
+        inprocess._events_on(plain_tasks="library" not in variant)
         if not variant.endswith("logged"):
             logging.getLogger().setLevel(logging.WARNING)
     for _ in range(300):
@@ -170,7 +174,7 @@ def worker_counts(
 
 
 def _worker_run(
-    site: workload.Site, label: str, task: str, events: bool, count: int
+    site: workload.Site, label: str, task: str, events: bool | str, count: int
 ) -> tuple[int, int]:
     """Instructions of a worker that ran ``count`` tasks: in all, and in its main process."""
     out = Path(tempfile.mkdtemp(prefix="rt-callgrind-", dir=site.tmp))

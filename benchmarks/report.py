@@ -53,6 +53,11 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
             "ratio_no_events_to_plain": median(ratios("resilient_no_events", "plain")),
             "plain_events_per_second": median(rates("plain_events")),
             "ratio_resilient_to_plain_events": median(ratios("resilient", "plain_events")),
+            "resilient_library_events_per_second": median(rates("resilient_library_events")),
+            "ratio_library_events_to_plain": median(ratios("resilient_library_events", "plain")),
+            "ratio_library_events_quartiles": quartiles(
+                ratios("resilient_library_events", "plain")
+            ),
             "plain_failing_per_second": median(rates("plain_failing")),
             "failing_no_dlq_per_second": median(rates("failing_no_dlq")),
             "failing_per_second": median(rates("failing")),
@@ -130,6 +135,24 @@ def markdown(summary: dict[str, Any], chart: str | None) -> str:
             f"| {_n(t.get('plain_events_per_second'))} "
             f"| {_n(t.get('ratio_resilient_to_plain_events'), 3)} |"
         )
+    library = {b: t for b, t in throughput.items() if t.get("ratio_library_events_to_plain")}
+    if library:
+        lines += [
+            "",
+            "With `connect(plain_tasks=False)` (no `task_prerun` / `task_postrun` receivers): "
+            + "; ".join(
+                f"{broker} {_n(t['resilient_library_events_per_second'])} tasks/s, ratio "
+                f"{_n(t['ratio_library_events_to_plain'], 3)}"
+                f"{_mark(t['ratio_library_events_to_plain'], TARGETS['ratio'])}"
+                + (
+                    f" (quartiles {q[0]:.3f} and {q[1]:.3f})"
+                    if (q := t.get("ratio_library_events_quartiles"))
+                    else ""
+                )
+                for broker, t in library.items()
+            )
+            + ".",
+        ]
     for broker, t in throughput.items():
         lines += [
             "",

@@ -138,7 +138,7 @@ class Site:
         self.runner.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def overrides(self, folder: Path, events: bool) -> dict[str, Any]:
+    def overrides(self, folder: Path, events: bool | str) -> dict[str, Any]:
         return {
             "worker_prefetch_multiplier": PREFETCH,
             "result_backend": None,
@@ -152,7 +152,7 @@ class Site:
         return client
 
     @contextmanager
-    def run(self, label: str, *, events: bool = False) -> Iterator[Run]:
+    def run(self, label: str, *, events: bool | str = False) -> Iterator[Run]:
         """A fresh queue, slot folder and client; the worker is started by :meth:`Run.start`."""
         self._runs += 1
         queue = self.broker.queue_name(f"{label}{self._runs}")
@@ -254,7 +254,7 @@ def broker_pids(kind: str) -> list[int]:
     return [int(pid) for pid in found.stdout.split()]
 
 
-def success(site: Site, task: str, tasks: int, *, events: bool = False) -> dict[str, Any]:
+def success(site: Site, task: str, tasks: int, *, events: bool | str = False) -> dict[str, Any]:
     """Tasks per second of a no-op ``task`` from the first task received to the last done."""
     with site.run(task.rsplit(".", 1)[-1], events=events) as run:
         run.publish(task, tasks)

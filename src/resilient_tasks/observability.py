@@ -10,7 +10,7 @@ never calls ``structlog.configure()`` otherwise.
 event                      source                                  level
 =========================  ======================================  =========
 ``task_started``           Celery ``task_prerun`` (or the call)    info
-``task_succeeded``         Celery ``task_postrun`` (``SUCCESS``)     info
+``task_succeeded``         Celery ``task_postrun`` (``SUCCESS``)   info
 ``task_retry_scheduled``   the library (``RetryMixin.retry``)      warning
 ``task_failed``            Celery ``task_failure``                 error
 ``task_dead_lettered``     the library (``ResilientRequest``)      error
@@ -109,11 +109,16 @@ _UID = "resilient_tasks.observability."
 # Test helpers (resilient_tasks.testing) receive each event here before it is logged.
 _Sink = Callable[[str, str, Mapping[str, Any]], None]
 _sinks: list[_Sink] = []
-_state = {"connected": False}
+_state = {"connected": False, "plain_tasks": True}
 # The innermost task run whose identity is bound in this context, until its task_postrun (by
 # task_prerun, or by a library task's own call); the runs it is nested in follow its ``outer``.
 _bound: ContextVar[_Described | None] = ContextVar(
     "resilient_tasks_observability_bound", default=None
+)
+# After connect(plain_tasks=False): the innermost library task run that has not yet reached its
+# after_return (where task_succeeded is logged); the run it is nested in follows its ``outer``.
+_finishing: ContextVar[_Described | None] = ContextVar(
+    "resilient_tasks_observability_finishing", default=None
 )
 
 
@@ -418,12 +423,27 @@ class ObservabilityMixin(StepsMixin):
     def _rt_bind(self, request: Any) -> Any:
         if not _state["connected"]:
             return _bind_keys(_Described(request, self))
+        if not _state["plain_tasks"]:  # no task_prerun/task_postrun: the call is the run
+            return _start_call(_Described(request, self), request)
         if self._rt_binds_at_call:  # bound until task_postrun, as task_prerun binds a plain task
             _start(_Described(request, self))
         return None
 
     def _rt_unbind(self, binding: Any) -> None:
         _reset_keys(binding)
+
+    def after_return(
+        self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        """Celery's hook after the outcome is stored; after ``connect(plain_tasks=False)``,
+        where ``task_succeeded`` is logged. A subclass that overrides it calls ``super()``."""
+        super().after_return(status, retval, task_id, args, kwargs, einfo)
+        run = _finishing.get()
+        if run is None or run.task_id != task_id:
+            return
+        _finishing.set(run.outer)
+        if status == states.SUCCESS and run.logged:
+            _succeeded(run)
 
 
 # -- Celery's signals -----------------------------------------------------------------------------
@@ -481,6 +501,29 @@ def _start(described: _Described) -> None:
         described.emit("task_started")
 
 
+def _start_call(described: _Described, request: Any) -> tuple[Token[Any], ...]:
+    """A library task's call starts, after ``connect(plain_tasks=False)``: bind its identity
+    for the call (return the tokens), log ``task_started``, and leave the run for its
+    ``after_return`` to log ``task_succeeded``."""
+    described.started = time.monotonic()
+    tokens = _bind_keys(described)
+    described.logged = _wanted("task_started")
+    if described.logged:
+        described.emit("task_started")
+    # A run that never reached its after_return (a retry, Ignore, Reject) is left behind: only
+    # a task applied eagerly inside another one is nested in what is there.
+    described.outer = _finishing.get() if getattr(request, "is_eager", False) else None
+    _finishing.set(described)
+    return tokens
+
+
+def _succeeded(described: _Described) -> None:
+    """Log ``task_succeeded`` for a run whose ``task_started`` was logged."""
+    started = described.started
+    runtime = None if started is None else round(time.monotonic() - started, 6)
+    described.emit("task_succeeded", runtime=runtime)
+
+
 def _celerys_own(cls: type, name: str) -> bool:
     """Whether ``cls`` takes ``name`` from ``celery.Task`` (as Celery's tracer tells)."""
     return mro_lookup(cls, name, stop={Task, object}, monkey_patched=["celery.app.task"]) is None
@@ -503,9 +546,7 @@ def _on_postrun(
                     "task_succeeded"
                 )
         elif described.logged:
-            started = described.started
-            runtime = None if started is None else round(time.monotonic() - started, 6)
-            described.emit("task_succeeded", runtime=runtime)
+            _succeeded(described)
     _unbind(task_id)
 
 
@@ -630,15 +671,30 @@ _SIGNALS: tuple[tuple[Any, Callable[..., None]], ...] = (
 )
 
 
-def connect() -> None:
+#: What binds a plain task's identity and logs its ``task_started`` / ``task_succeeded``.
+_RUN_SIGNALS = (signals.task_prerun, signals.task_postrun)
+
+
+def connect(*, plain_tasks: bool = True) -> None:
     """Log an event for every occurrence in a task's life, and bind the task's identity in
-    ``structlog.contextvars`` while it runs. Idempotent: a second call changes nothing.
+    ``structlog.contextvars`` while it runs. Idempotent: a second call changes nothing (one
+    with the other ``plain_tasks`` switches to it).
 
     Call it where the worker imports your Celery app (and in processes that publish, for the
     correlation id). It connects receivers to Celery's ``task_prerun``, ``task_postrun``,
     ``task_failure``, ``task_revoked``, ``task_rejected``, ``task_unknown`` and
     ``before_task_publish`` signals and a listener to the library's own
     events; it does not configure structlog or ``logging``.
+
+    ``plain_tasks=False`` is for workers whose tasks are all library tasks
+    (:class:`~resilient_tasks.ResilientTask` or :class:`ObservabilityMixin`): it leaves out
+    the ``task_prerun`` and ``task_postrun`` receivers, and with them Celery's dispatch of
+    those two signals for every task (about half of what the events cost a task that
+    succeeds). A library task then binds its keys for its call only (Celery's own
+    ``succeeded in`` line, written after the call, does not carry them; a ``before_start``
+    runs before they are bound), logs ``task_started`` in its call and ``task_succeeded``
+    from its ``after_return``; a plain ``celery.Task`` gets no ``task_started``, no
+    ``task_succeeded`` and no bound keys, and every other event as before.
 
     Example::
 
@@ -647,13 +703,19 @@ def connect() -> None:
         >>> observability.connect()  # no second receiver
         >>> observability.is_connected()
         True
+        >>> observability.connect(plain_tasks=False)  # only library tasks: no task_prerun
         >>> observability.disconnect()
     """
     for signal, receiver in _SIGNALS:
-        signal.connect(receiver, weak=False, dispatch_uid=_UID + receiver.__name__)
+        uid = _UID + receiver.__name__
+        if plain_tasks or not any(signal is run for run in _RUN_SIGNALS):
+            signal.connect(receiver, weak=False, dispatch_uid=uid)
+        else:
+            signal.disconnect(receiver, dispatch_uid=uid)
     if _on_library_event not in _events.listeners:
         _events.listeners.append(_on_library_event)
     _state["connected"] = True
+    _state["plain_tasks"] = plain_tasks
 
 
 def disconnect() -> None:
@@ -671,7 +733,9 @@ def disconnect() -> None:
     while _on_library_event in _events.listeners:
         _events.listeners.remove(_on_library_event)
     _occurrences.clear()
+    _finishing.set(None)
     _state["connected"] = False
+    _state["plain_tasks"] = True
 
 
 def is_connected() -> bool:

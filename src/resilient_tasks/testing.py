@@ -68,8 +68,9 @@ def capture_events() -> Iterator[CapturedEvents]:
     """Capture the events :mod:`~resilient_tasks.observability` logs while the block runs.
 
     Connects :func:`~resilient_tasks.observability.connect` for the block if it is not already
-    (and disconnects it after), and forgets the occurrences already logged, so a test that
-    reuses a task id sees its events. They are still logged through structlog as usual.
+    (and disconnects it after; a connection already made is kept as it is, ``plain_tasks``
+    included), and forgets the occurrences already logged, so a test that reuses a task id
+    sees its events. They are still logged through structlog as usual.
 
     Example::
 
@@ -92,7 +93,8 @@ def capture_events() -> Iterator[CapturedEvents]:
         captured.append({"event": event, "log_level": level, **fields})
 
     was_connected = observability.is_connected()
-    observability.connect()
+    if not was_connected:  # else as it is, ``plain_tasks`` included
+        observability.connect()
     observability._occurrences.clear()
     observability._sinks.append(sink)
     try:

@@ -13,7 +13,7 @@ Settings read from the worker's configuration (``app.conf``):
   reports whether events were on), set up the worker's logs as the library recommends
   (``configure_logging(json=True)``) and ``connect()`` the events; at ``--loglevel=WARNING``
   the info events (``task_started``, ``task_succeeded``) are then built and filtered, at
-  ``INFO`` written as JSON lines.
+  ``INFO`` written as JSON lines; ``"library"`` connects them with ``plain_tasks=False``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _events_connected() -> bool:
     except ImportError:
         return False
     observability.configure_logging(json=True)
-    observability.connect()
+    observability.connect(plain_tasks=app.conf.get("bench_events") != "library")
     return True
 
 

@@ -1,4 +1,5 @@
-"""A worker that logs JSON through structlog, with the library's events connected.
+"""A worker that logs JSON through structlog, with the library's events connected (with
+``connect(plain_tasks=False)`` when the setting ``rt_events_plain_tasks`` is false).
 
 Every pool process binds ``pool_process`` itself at start: the tests check that a task's
 bindings are restored around it without disturbing what the process bound.
@@ -16,10 +17,10 @@ from celery import Task, signals
 from apps.base import make_app, record
 from resilient_tasks import ResilientTask, RetryPolicy, observability
 
-observability.configure_logging(json=True)
-observability.connect()
-
 app = make_app(__name__)
+observability.configure_logging(json=True)
+# rt_events_plain_tasks=False: connect(plain_tasks=False), for workers of library tasks only.
+observability.connect(plain_tasks=app.conf.get("rt_events_plain_tasks", True))
 log = structlog.get_logger("events_app")
 
 
@@ -77,6 +78,13 @@ def plain_hard(self: Task, log_path: str) -> None:
 @app.task(base=ResilientTask, bind=True, name="ev.context")
 def context(self: Task, log_path: str) -> str:
     """Logs the contextvars it starts with."""
+    log.info("context_seen", seen=structlog.contextvars.get_contextvars())
+    return str(self.request.id)
+
+
+@app.task(bind=True, name="ev.plain_context")
+def plain_context(self: Task, log_path: str) -> str:
+    """A plain ``celery.Task`` that logs the contextvars it starts with."""
     log.info("context_seen", seen=structlog.contextvars.get_contextvars())
     return str(self.request.id)
 

@@ -887,3 +887,106 @@ def test_a_library_tasks_own_before_start_runs_with_its_keys_bound(
 
     assert (seen["before_start"]["task_id"], seen["before_start"]["attempt"]) == ("before-1", 1)
     assert events.names() == ["task_started", "task_succeeded"]
+
+
+# -- connect(plain_tasks=False) --------------------------------------------------------------------
+
+
+@app.task(base=ResilientTask, name="obs.gives_up", dead_letter=False)
+def gives_up() -> None:
+    raise KeyError("no such customer")
+
+
+@pytest.fixture
+def library_only() -> Iterator[CapturedEvents]:
+    observability.connect(plain_tasks=False)
+    try:
+        with capture_events() as captured:
+            yield captured
+    finally:
+        observability.disconnect()
+
+
+def ours(signal: Any) -> list[Any]:
+    return [r for r in signal.receivers if "resilient_tasks.observability" in str(r[0])]
+
+
+def test_connect_without_plain_tasks_leaves_task_prerun_and_postrun_alone() -> None:
+    observability.connect(plain_tasks=False)
+    try:
+        left_out = (ours(signals.task_prerun), ours(signals.task_postrun))
+        kept = ours(signals.task_failure)
+        observability.connect()  # switches back
+        switched = (ours(signals.task_prerun), ours(signals.task_postrun))
+    finally:
+        observability.disconnect()
+
+    assert left_out == ([], [])
+    assert len(kept) == 1
+    assert [len(receivers) for receivers in switched] == [1, 1]
+
+
+def test_without_plain_tasks_a_library_task_logs_its_run_with_its_keys_bound(
+    library_only: CapturedEvents,
+) -> None:
+    before = structlog.contextvars.get_contextvars()
+
+    inside = observed.apply(task_id="lib-1").get()
+
+    assert library_only.names() == ["task_started", "task_succeeded"]
+    assert isinstance(library_only[1]["runtime"], float)
+    assert library_only[1]["task_name"] == "obs.observed"
+    assert (inside["task_id"], inside["attempt"]) == ("lib-1", 1)
+    assert structlog.contextvars.get_contextvars() == before
+
+
+def test_without_plain_tasks_a_retry_logs_what_it_logs_with_them(
+    library_only: CapturedEvents, no_backoff: None
+) -> None:
+    before = structlog.contextvars.get_contextvars()
+
+    inside = retrying_observed.apply(task_id="lib-2").get()
+
+    assert library_only.names() == [
+        "task_started",
+        "task_retry_scheduled",
+        "task_started",
+        "task_succeeded",
+    ]
+    assert [e["attempt"] for e in library_only] == [1, 1, 2, 2]
+    assert (inside["task_id"], inside["attempt"]) == ("lib-2", 2)
+    assert structlog.contextvars.get_contextvars() == before
+
+
+def test_without_plain_tasks_a_failure_is_no_success(library_only: CapturedEvents) -> None:
+    gives_up.apply(task_id="lib-3")
+
+    assert library_only.names("lib-3") == ["task_started", "task_failed"]
+    assert "task_id" not in structlog.contextvars.get_contextvars()
+    assert observability._finishing.get() is None
+
+
+def test_without_plain_tasks_a_plain_task_logs_only_its_failure(
+    library_only: CapturedEvents,
+) -> None:
+    add.apply((1, 2), task_id="plain-1")
+    boom.apply(task_id="plain-2")
+
+    assert "task_id" not in seen["context"]
+    assert [(e["event"], e["task_id"]) for e in library_only] == [("task_failed", "plain-2")]
+
+
+def test_without_plain_tasks_a_run_left_by_a_retry_holds_nothing_for_the_next(
+    library_only: CapturedEvents,
+) -> None:
+    """A retried run never reaches after_return: the next run in a worker is not nested in it."""
+    request = Context(id="lib-4", is_eager=False)
+    observability._start_call(observability._Described(request), request)
+    observed.apply(task_id="lib-5")
+    after_eager = observability._finishing.get()
+    observability._start_call(observability._Described(request), request)
+
+    last = observability._finishing.get()
+    assert getattr(after_eager, "task_id", None) == "lib-4"  # eager: nested in it
+    assert getattr(last, "task_id", None) == "lib-4"
+    assert getattr(last, "outer", "missing") is None  # in a worker: not nested in what was left

@@ -212,6 +212,10 @@ def test_a_child_task_carries_its_parents_root_id_and_correlation_id(worker: Wor
 def test_nothing_bound_for_one_task_leaks_into_the_next(worker: Worker) -> None:
     """Concurrency 2, 36 tasks of three shapes: each task starts with exactly its own keys (and
     what its pool process bound itself), and after each the process has only its own again."""
+    assert_nothing_leaks(worker)
+
+
+def assert_nothing_leaks(worker: Worker) -> None:
     sent = []
     for i in range(12):
         sent.append((worker.send("ev.context"), None))
@@ -250,10 +254,79 @@ def test_nothing_bound_for_one_task_leaks_into_the_next(worker: Worker) -> None:
 
     worker.wait_for(lambda: len(afters()) >= len(expected), what="every task to finish")
 
-    starts = {x["seen"]["task_id"]: x for x in log_lines(worker) if x["event"] == "context_seen"}
+    seen = [x for x in log_lines(worker) if x["event"] == "context_seen"]
+    starts = {x["seen"]["task_id"]: x for x in seen if "task_id" in x["seen"]}  # a plain task's
     for task_id, keys in expected.items():
         line = starts[task_id]
         assert line["seen"] == {**keys, "pool_process": line["pool_process"]}
     assert len(afters()) == len(expected)
     for line in afters():
         assert line["seen"] == {"pool_process": line["pool_process"]}
+
+
+# -- connect(plain_tasks=False) --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=BROKERS)
+def library_only(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Worker]:
+    """A worker whose app calls ``connect(plain_tasks=False)``."""
+    tmp_path = tmp_path_factory.mktemp(f"events-library-{request.param}")
+    runner = WorkerRunner(make_broker(request.param, tmp_path), tmp_path)
+    try:
+        yield runner.start(APP, worker_settings={"rt_events_plain_tasks": False})
+    finally:
+        runner.close()
+
+
+def test_library_only_a_retry_then_a_success(library_only: Worker) -> None:
+    result = library_only.send("ev.flaky")
+
+    assert result.get(timeout=30) == "done"
+    events = wait_for_events(library_only, result.id, 4)
+
+    assert names(events) == [
+        ("task_started", 1),
+        ("task_retry_scheduled", 1),
+        ("task_started", 2),
+        ("task_succeeded", 2),
+    ]
+    assert_identity(events, library_only, "ev.flaky", result.id)
+    assert isinstance(events[3]["runtime"], float)
+
+
+def test_library_only_a_failure_for_good_then_its_dead_letter(library_only: Worker) -> None:
+    result = library_only.send("ev.broken")
+
+    result.get(timeout=30, propagate=False)
+    events = wait_for_events(library_only, result.id, 3)
+
+    assert names(events) == [
+        ("task_started", 1),
+        ("task_failed", 1),
+        ("task_dead_lettered", 1),
+    ]
+    assert_identity(events, library_only, "ev.broken", result.id)
+
+
+def test_library_only_a_plain_task_logs_its_failure_and_nothing_else(
+    library_only: Worker,
+) -> None:
+    succeeds = library_only.send("ev.plain_context")
+    fails = library_only.send("ev.plain_hard")
+
+    succeeds.get(timeout=30)
+    events = wait_for_events(library_only, fails.id, 1)
+
+    assert names(events) == [("task_failed", 1)]
+    assert events[0]["reason"] == "hard_time_limit"
+    assert events_of(library_only, succeeds.id) == []
+    (seen,) = [x["seen"] for x in log_lines(library_only) if x["event"] == "context_seen"]
+    assert "task_id" not in seen
+
+
+def test_library_only_nothing_bound_for_one_task_leaks_into_the_next(
+    library_only: Worker,
+) -> None:
+    assert_nothing_leaks(library_only)

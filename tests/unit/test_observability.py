@@ -829,12 +829,17 @@ def retrying_observed(self: Task) -> dict[str, Any]:
     return structlog.contextvars.get_contextvars()
 
 
+@pytest.mark.parametrize("plain_tasks", [True, False], ids=["connect", "library_only"])
 def test_the_mixin_and_connect_together_log_once_and_restore_everything(
-    events: CapturedEvents,
+    plain_tasks: bool, no_backoff: None
 ) -> None:
     before = structlog.contextvars.get_contextvars()
-
-    inside = retrying_observed.apply(task_id="both-1").get()
+    observability.connect(plain_tasks=plain_tasks)
+    try:
+        with capture_events() as events:
+            inside = retrying_observed.apply(task_id="both-1").get()
+    finally:
+        observability.disconnect()
 
     assert events.names() == [
         "task_started",
@@ -842,6 +847,7 @@ def test_the_mixin_and_connect_together_log_once_and_restore_everything(
         "task_started",
         "task_succeeded",
     ]
+    assert [e["attempt"] for e in events] == [1, 1, 2, 2]
     assert (inside["task_id"], inside["attempt"]) == ("both-1", 2)
     assert structlog.contextvars.get_contextvars() == before
 
@@ -937,24 +943,6 @@ def test_without_plain_tasks_a_library_task_logs_its_run_with_its_keys_bound(
     assert isinstance(library_only[1]["runtime"], float)
     assert library_only[1]["task_name"] == "obs.observed"
     assert (inside["task_id"], inside["attempt"]) == ("lib-1", 1)
-    assert structlog.contextvars.get_contextvars() == before
-
-
-def test_without_plain_tasks_a_retry_logs_what_it_logs_with_them(
-    library_only: CapturedEvents, no_backoff: None
-) -> None:
-    before = structlog.contextvars.get_contextvars()
-
-    inside = retrying_observed.apply(task_id="lib-2").get()
-
-    assert library_only.names() == [
-        "task_started",
-        "task_retry_scheduled",
-        "task_started",
-        "task_succeeded",
-    ]
-    assert [e["attempt"] for e in library_only] == [1, 1, 2, 2]
-    assert (inside["task_id"], inside["attempt"]) == ("lib-2", 2)
     assert structlog.contextvars.get_contextvars() == before
 
 

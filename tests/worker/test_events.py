@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,10 +29,13 @@ pytestmark = pytest.mark.worker
 def worker(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Worker]:
-    tmp_path = tmp_path_factory.mktemp(f"events-{request.param}")
-    runner = WorkerRunner(make_broker(request.param, tmp_path), tmp_path)
+    yield from events_worker(request.param, tmp_path_factory.mktemp(f"events-{request.param}"))
+
+
+def events_worker(broker: str, tmp_path: Path, **worker_settings: Any) -> Iterator[Worker]:
+    runner = WorkerRunner(make_broker(broker, tmp_path), tmp_path)
     try:
-        yield runner.start(APP)
+        yield runner.start(APP, worker_settings=worker_settings)
     finally:
         runner.close()
 
@@ -82,6 +86,10 @@ def assert_identity(events: list[dict[str, Any]], worker: Worker, task: str, tas
 
 
 def test_a_retry_then_a_success(worker: Worker) -> None:
+    assert_retry_then_success(worker)
+
+
+def assert_retry_then_success(worker: Worker) -> None:
     result = worker.send("ev.flaky")
 
     assert result.get(timeout=30) == "done"
@@ -97,6 +105,7 @@ def test_a_retry_then_a_success(worker: Worker) -> None:
     assert events[1]["delay"] == 0.1
     assert events[1]["exception"] == "ConnectionError: upstream reset"
     assert [e["parent_id"] for e in events] == [None, None, result.id, result.id]
+    assert isinstance(events[3]["runtime"], float)
 
 
 def test_celerys_own_lines_are_json_with_the_task_bound(worker: Worker) -> None:
@@ -118,6 +127,10 @@ def test_celerys_own_lines_are_json_with_the_task_bound(worker: Worker) -> None:
 
 
 def test_a_failure_for_good_then_its_dead_letter(worker: Worker) -> None:
+    assert_failure_then_dead_letter(worker)
+
+
+def assert_failure_then_dead_letter(worker: Worker) -> None:
     result = worker.send("ev.broken", password="hunter2")
 
     result.get(timeout=30, propagate=False)
@@ -273,41 +286,15 @@ def library_only(
 ) -> Iterator[Worker]:
     """A worker whose app calls ``connect(plain_tasks=False)``."""
     tmp_path = tmp_path_factory.mktemp(f"events-library-{request.param}")
-    runner = WorkerRunner(make_broker(request.param, tmp_path), tmp_path)
-    try:
-        yield runner.start(APP, worker_settings={"rt_events_plain_tasks": False})
-    finally:
-        runner.close()
+    yield from events_worker(request.param, tmp_path, rt_events_plain_tasks=False)
 
 
 def test_library_only_a_retry_then_a_success(library_only: Worker) -> None:
-    result = library_only.send("ev.flaky")
-
-    assert result.get(timeout=30) == "done"
-    events = wait_for_events(library_only, result.id, 4)
-
-    assert names(events) == [
-        ("task_started", 1),
-        ("task_retry_scheduled", 1),
-        ("task_started", 2),
-        ("task_succeeded", 2),
-    ]
-    assert_identity(events, library_only, "ev.flaky", result.id)
-    assert isinstance(events[3]["runtime"], float)
+    assert_retry_then_success(library_only)
 
 
 def test_library_only_a_failure_for_good_then_its_dead_letter(library_only: Worker) -> None:
-    result = library_only.send("ev.broken")
-
-    result.get(timeout=30, propagate=False)
-    events = wait_for_events(library_only, result.id, 3)
-
-    assert names(events) == [
-        ("task_started", 1),
-        ("task_failed", 1),
-        ("task_dead_lettered", 1),
-    ]
-    assert_identity(events, library_only, "ev.broken", result.id)
+    assert_failure_then_dead_letter(library_only)
 
 
 def test_library_only_a_plain_task_logs_its_failure_and_nothing_else(

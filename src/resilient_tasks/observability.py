@@ -493,28 +493,30 @@ def _on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None,
 
 def _start(described: _Described) -> None:
     """A task run starts: bind its identity until task_postrun, log ``task_started``."""
-    described.started = time.monotonic()
     _bind(described)
-    # task_started and task_succeeded share a level: ask once for the run whether it is logged.
-    described.logged = _wanted("task_started")
-    if described.logged:
-        described.emit("task_started")
+    _started(described)
 
 
 def _start_call(described: _Described, request: Any) -> tuple[Token[Any], ...]:
     """A library task's call starts, after ``connect(plain_tasks=False)``: bind its identity
     for the call (return the tokens), log ``task_started``, and leave the run for its
     ``after_return`` to log ``task_succeeded``."""
-    described.started = time.monotonic()
     tokens = _bind_keys(described)
-    described.logged = _wanted("task_started")
-    if described.logged:
-        described.emit("task_started")
+    _started(described)
     # A run that never reached its after_return (a retry, Ignore, Reject) is left behind: only
     # a task applied eagerly inside another one is nested in what is there.
     described.outer = _finishing.get() if getattr(request, "is_eager", False) else None
     _finishing.set(described)
     return tokens
+
+
+def _started(described: _Described) -> None:
+    """Log ``task_started``, and note when, for ``task_succeeded``'s ``runtime``."""
+    described.started = time.monotonic()
+    # task_started and task_succeeded share a level: ask once for the run whether it is logged.
+    described.logged = _wanted("task_started")
+    if described.logged:
+        described.emit("task_started")
 
 
 def _succeeded(described: _Described) -> None:
@@ -708,7 +710,7 @@ def connect(*, plain_tasks: bool = True) -> None:
     """
     for signal, receiver in _SIGNALS:
         uid = _UID + receiver.__name__
-        if plain_tasks or not any(signal is run for run in _RUN_SIGNALS):
+        if plain_tasks or signal not in _RUN_SIGNALS:
             signal.connect(receiver, weak=False, dispatch_uid=uid)
         else:
             signal.disconnect(receiver, dispatch_uid=uid)

@@ -84,8 +84,8 @@ def context(self: Task, log_path: str) -> str:
 
 @app.task(bind=True, name="ev.plain_context")
 def plain_context(self: Task, log_path: str) -> str:
-    """A plain ``celery.Task`` that logs the contextvars it starts with."""
-    log.info("context_seen", seen=structlog.contextvars.get_contextvars())
+    """A plain ``celery.Task`` that logs the contextvars it starts with, and its own id."""
+    log.info("context_seen", seen=structlog.contextvars.get_contextvars(), own_id=self.request.id)
     return str(self.request.id)
 
 

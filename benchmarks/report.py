@@ -331,6 +331,7 @@ def chart(summary: dict[str, Any], path: Path) -> str | None:
         ("plain_per_second", "plain celery.Task"),
         ("resilient_per_second", "ResilientTask (events on)"),
         ("resilient_no_events_per_second", "ResilientTask (events off)"),
+        ("resilient_library_events_per_second", "ResilientTask (plain_tasks=False)"),
         ("plain_events_per_second", "plain celery.Task (events on)"),
         ("plain_failing_per_second", "Celery failures"),
         ("failing_no_dlq_per_second", "resilient failures, no DLQ"),

@@ -103,7 +103,9 @@ class DeadLetterMixin(_TaskBase):  # type: ignore[misc]
 
     The publishing happens in the worker's main process, through this mixin's ``Request`` class;
     a task that sets its own ``Request`` must subclass
-    :class:`resilient_tasks.request.ResilientRequest`.
+    :class:`resilient_tasks.request.ResilientRequest`. A message the worker cannot read at all
+    (a corrupt body, a content type it does not accept) is dead-lettered too, by this mixin's
+    ``Strategy`` (:mod:`resilient_tasks.strategy`), where Celery would drop it.
 
     Example::
 
@@ -122,6 +124,7 @@ class DeadLetterMixin(_TaskBase):  # type: ignore[misc]
     dead_letter: bool = True
     dead_letter_queue: str = "{queue}.dlq"
     Request = "resilient_tasks.request:ResilientRequest"
+    Strategy = "resilient_tasks.strategy:dead_lettering"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -379,53 +379,14 @@ class ResilientRequest(Request):  # type: ignore[misc]
 
     def _minimal_envelope(self, exc: BaseException, reason: Reason) -> dict[str, Any]:
         """An envelope from the raw message alone, when the full one cannot be built."""
-        message = self.message
-        delivery = message.delivery_info or {}
-        return {
-            "schema": SCHEMA,
-            "reason": reason,
-            "task": {
-                "id": self.id,
-                "name": self.name,
-                "queue": _own_routing_key(delivery),
-                "exchange": _own_exchange(delivery.get("exchange") or ""),
-                "routing_key": _own_routing_key(delivery),
-            },
-            "exception": {"type": _type_name(exc), "message": "", "traceback": ""},
-            "attempts": [],
-            "dead_lettered_at": datetime.now(timezone.utc).isoformat(),
-            "original": {
-                "headers": jsonable(dict(message.headers or {}), limit=None),
-                "properties": {},
-                **body_field(message.body, message.content_encoding),
-                "content_type": message.content_type,
-                "content_encoding": message.content_encoding,
-            },
-        }
+        return _bare_envelope(self.message, self.id, self.name, exc, reason)
 
     def _envelope(
         self, exc: BaseException, exc_info: ExceptionInfo, reason: Reason
     ) -> dict[str, Any]:
         message = self.message
-        delivery = message.delivery_info or {}
-        properties = message.properties or {}
         context: Mapping[str, Any] = self.request_dict
-        failed = FailedMessage(
-            task_id=self.id,
-            task_name=self.name,
-            args=self.args,
-            kwargs=self.kwargs,
-            headers=message.headers or {},
-            properties=properties,
-            body=message.body,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            # A message delayed by Celery's native delayed delivery arrives through a
-            # celery_delayed_* exchange: replaying it there would delay it again.
-            exchange=_own_exchange(delivery.get("exchange") or ""),
-            routing_key=_own_routing_key(delivery),
-            priority=properties.get("priority", delivery.get("priority")),
-        )
+        failed = _failed_message(message, self.id, self.name, self.args, self.kwargs)
         # A stand-in Celery sent back for an exception it could not pickle is described as the
         # class the task raised, with the stand-in's arguments.
         raised = _reason.as_raised(exc, getattr(exc_info, "type", None))
@@ -462,6 +423,58 @@ def redeliveries(headers: Mapping[str, Any] | None) -> int:
     return max(
         (int(c) for c in counts if isinstance(c, int) and not isinstance(c, bool)), default=0
     )
+
+
+def _failed_message(
+    message: Any, task_id: str, task_name: str, args: Any, kwargs: Any
+) -> FailedMessage:
+    """``message`` as the broker delivered it, with what the worker decoded from it."""
+    delivery = message.delivery_info or {}
+    properties = message.properties or {}
+    return FailedMessage(
+        task_id=task_id,
+        task_name=task_name,
+        args=args,
+        kwargs=kwargs,
+        headers=message.headers or {},
+        properties=properties,
+        body=message.body,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        # A message delayed by Celery's native delayed delivery arrives through a
+        # celery_delayed_* exchange: replaying it there would delay it again.
+        exchange=_own_exchange(delivery.get("exchange") or ""),
+        routing_key=_own_routing_key(delivery),
+        priority=properties.get("priority", delivery.get("priority")),
+    )
+
+
+def _bare_envelope(
+    message: Any, task_id: str, task_name: str, exc: BaseException, reason: Reason
+) -> dict[str, Any]:
+    """An envelope from the raw message alone, when the full one cannot be built."""
+    delivery = message.delivery_info or {}
+    return {
+        "schema": SCHEMA,
+        "reason": reason,
+        "task": {
+            "id": task_id,
+            "name": task_name,
+            "queue": _own_routing_key(delivery),
+            "exchange": _own_exchange(delivery.get("exchange") or ""),
+            "routing_key": _own_routing_key(delivery),
+        },
+        "exception": {"type": _type_name(exc), "message": "", "traceback": ""},
+        "attempts": [],
+        "dead_lettered_at": datetime.now(timezone.utc).isoformat(),
+        "original": {
+            "headers": jsonable(dict(message.headers or {}), limit=None),
+            "properties": {},
+            **body_field(message.body, message.content_encoding),
+            "content_type": message.content_type,
+            "content_encoding": message.content_encoding,
+        },
+    }
 
 
 def _own_exchange(exchange: str) -> str:

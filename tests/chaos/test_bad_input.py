@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 import uuid
 from collections.abc import Iterator
@@ -148,24 +149,28 @@ def test_an_argument_pickle_cannot_carry_is_refused_by_the_client_and_nothing_is
     never_ran(site, task_id)
 
 
-def test_a_pickled_argument_the_worker_cannot_rebuild_is_not_lost(site: Site) -> None:
+def test_a_pickled_argument_the_worker_cannot_rebuild_is_dead_lettered_as_it_came(
+    site: Site,
+) -> None:
+    """Celery's consumer would acknowledge it unread (``Consumer.on_decode_error``); the
+    library's strategy dead-letters it first, body untouched, for a replay once the worker can
+    rebuild the argument."""
     task_id = site.send(
         "chaos.fail", ArrivesBroken(), kwargs={"log": site.log}, serializer="pickle"
     )
 
-    outcome = site.outcome(task_id, timeout=3)
+    outcome = site.outcome(task_id, timeout=10)
 
-    if not outcome.dead_letters:
-        assert "Can't decode message body" in site.worker.output_text()
-        pytest.xfail(
-            "lost: Celery's consumer acknowledges a message it cannot decode "
-            "(Consumer.on_decode_error logs it at CRITICAL and acks) before any task code; "
-            "the library never sees it"
-        )
-    assert outcome.envelope["task"]["id"] == task_id
+    envelope = outcome.envelope
+    assert not outcome.runs
+    assert envelope["exception"]["type"] == "kombu.exceptions.DecodeError"
+    assert "not a number" in envelope["exception"]["message"]
+    assert envelope["original"]["content_type"] == "application/x-python-serialize"
+    with pytest.raises(ValueError, match="not a number"):  # the very bytes the client sent
+        pickle.loads(original_body(envelope["original"]))  # the test's own bytes
 
 
-def test_a_message_whose_json_body_is_corrupt_is_not_lost(site: Site) -> None:
+def test_a_message_whose_json_body_is_corrupt_is_dead_lettered_as_it_came(site: Site) -> None:
     task_id = str(uuid.uuid4())
     client = site.worker.client
     queue = client.amqp.queues[site.worker.queue]
@@ -185,13 +190,11 @@ def test_a_message_whose_json_body_is_corrupt_is_not_lost(site: Site) -> None:
             declare=[queue],
         )
 
-    outcome = site.outcome(task_id, timeout=3)
+    outcome = site.outcome(task_id, timeout=10)
 
-    if not outcome.dead_letters:
-        pytest.xfail(
-            "lost: Celery acknowledges a message it cannot decode before any task code runs "
-            "(Consumer.on_decode_error); the library never sees it"
-        )
+    envelope = outcome.envelope
+    assert envelope["exception"]["type"] == "kombu.exceptions.DecodeError"
+    assert original_body(envelope["original"]) == b'[[], {"log": "truncated'
 
 
 @pytest.mark.parametrize("serializer", ["json", "pickle"])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import pickle
 import time
+import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -209,3 +212,116 @@ def test_in_a_group_only_the_failing_member_is_dead_lettered(workers: WorkerRunn
     assert envelope["task"]["id"] == members.results[1].id
     assert envelope["canvas"]["group_id"] == members.id
     assert envelope["canvas"]["group_index"] == 1
+
+
+# -- messages the worker cannot read -------------------------------------------------------------
+
+
+def publish_raw(worker: Worker, body: bytes, content_type: str, **headers: Any) -> str:
+    """Publish a task message for ``dl.permanent`` as a client would, but with ``body`` as it
+    is and ``headers`` over Celery's; return its task id."""
+    task_id = str(uuid.uuid4())
+    client = worker.client
+    queue = client.amqp.queues[worker.queue]
+    protocol = {
+        "lang": "py", "task": "dl.permanent", "id": task_id, "root_id": task_id,
+        "parent_id": None, "group": None, "retries": 0, "eta": None, "expires": None,
+        "argsrepr": "()", "kwargsrepr": "{}", "origin": "test",
+    }  # fmt: skip
+    with client.producer_or_acquire() as producer:
+        producer.publish(
+            body,
+            exchange=queue.exchange,
+            routing_key=queue.routing_key,
+            content_type=content_type,
+            content_encoding="utf-8" if content_type == "application/json" else "binary",
+            headers={**protocol, **headers},
+            declare=[queue],
+        )
+    return task_id
+
+
+UNREADABLE = {
+    "corrupt JSON": (b'[[7], {"log": "trunc', "application/json", {}, "DecodeError"),
+    "a content type the worker refuses": (
+        pickle.dumps(((7,), {}, {})),
+        "application/x-python-serialize",
+        {},
+        "ContentDisallowed",
+    ),
+    "an eta that is no date": (
+        json.dumps([[7, "log"], {}, {}]).encode(),
+        "application/json",
+        {"eta": "next tuesday"},
+        "InvalidTaskError",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", UNREADABLE, ids=list(UNREADABLE))
+def test_a_message_the_worker_cannot_read_is_dead_lettered_as_it_came(
+    workers: WorkerRunner, case: str
+) -> None:
+    """Celery drops these before any task code runs (acknowledged, or rejected without
+    requeue); the library's strategy dead-letters them first, and marks the result."""
+    body, content_type, headers, error = UNREADABLE[case]
+    worker = workers.start(APP)
+
+    task_id = publish_raw(worker, body, content_type, **headers)
+    envelope = only_envelope(worker)
+
+    assert envelope["reason"] == "exception"
+    assert envelope["exception"]["type"].rsplit(".", 1)[-1] == error
+    assert (envelope["task"]["id"], envelope["task"]["name"]) == (task_id, "dl.permanent")
+    assert envelope["task"]["queue"] == worker.queue
+    assert (envelope["task"]["args"], envelope["task"]["kwargs"]) == ([], {})
+    assert [a["number"] for a in envelope["attempts"]] == [1]
+    original = envelope["original"]
+    assert original_body(original) == body
+    assert original["content_type"] == content_type
+    assert {k: original["headers"][k] for k in headers} == headers
+    result = worker.client.AsyncResult(task_id)
+    worker.wait_for(lambda: result.state == "FAILURE", what="the result marked FAILURE")
+    assert error in type(result.result).__name__ + repr(result.result)
+    assert "the worker cannot read a message of dl.permanent" in worker.output_text()
+    assert not any(a["id"] == task_id for a in worker.attempts())  # the body never ran
+
+
+def test_a_message_dead_letter_false_cannot_read_is_left_to_celery(workers: WorkerRunner) -> None:
+    worker = workers.start(APP)
+
+    publish_raw(worker, b"[[], {", "application/json", task="dl.off")
+    worker.wait_for(lambda: "Can't decode message body" in worker.output_text())
+    time.sleep(0.3)
+
+    assert worker.drain(f"{worker.queue}.dlq") == []
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq", "redis"], indirect=True)
+def test_an_unreadable_message_whose_dead_letter_cannot_be_published_comes_back(
+    workers: WorkerRunner,
+) -> None:
+    """As for a task that failed: the message is requeued until its envelope can be
+    published, then dead-lettered exactly once."""
+    url = urlsplit(workers.broker.url)
+    proxy = CuttableProxy((url.hostname or "127.0.0.1", url.port or DEFAULT_PORTS[url.scheme]))
+    try:
+        proxy.cut()
+        proxied = url._replace(netloc=url.netloc.replace(f":{url.port}", "") + f":{proxy.port}")
+        worker = workers.start(APP, worker_settings={"broker_write_url": proxied.geturl()})
+        task_id = publish_raw(worker, b"[[7], {", "application/json")
+
+        refused = "could not dead-letter the unreadable message of dl.permanent"
+        worker.wait_for(
+            lambda: worker.output_text().count(refused) >= 2,
+            what="the message to come back after the failed dead-letter publish",
+        )
+        assert worker.drain(f"{worker.queue}.dlq") == []
+
+        proxy.restore()
+        envelope = only_envelope(worker)
+    finally:
+        proxy.close()
+
+    assert envelope["task"]["id"] == task_id
+    assert envelope["exception"]["type"] == "kombu.exceptions.DecodeError"

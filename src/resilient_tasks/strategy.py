@@ -9,6 +9,9 @@ that fails, Celery lets the message go:
 * a body in a content type the worker does not accept (``ContentDisallowed``) or a message with
   an ``eta`` or ``expires`` that is not a date (``InvalidTaskError``) is rejected without
   requeue (``Consumer.on_invalid_task``): gone, unless the broker dead-letters it.
+* a body that decodes but is not ``[args, kwargs, embed]`` is not checked at all: Celery raises
+  while it builds the request, which stops the worker, or fails later and leaves the message
+  unsettled (:func:`check_body`).
 
 :func:`dead_lettering` is the ``Strategy`` of every task built on
 :class:`~resilient_tasks.DeadLetterMixin`: Celery's own strategy, with one difference. Such a
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
@@ -43,7 +46,7 @@ from .hooks import FailureDetails, FailureHooksMixin, give_up
 from .policy import Reason
 from .request import _bare_envelope, _canvas, _failed_message
 
-__all__ = ["UNREADABLE", "dead_lettering"]
+__all__ = ["UNREADABLE", "check_body", "dead_lettering"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,25 +71,78 @@ def dead_lettering(task: Any, app: Any, consumer: Any, **options: Any) -> Callab
         >>> ResilientTask.Strategy
         'resilient_tasks.strategy:dead_lettering'
     """
-    handle = default(task, app, consumer, **options)
+    handle: Callable[..., Any] = default(task, app, consumer, **options)
+    if not getattr(task, "dead_letter", False):
+        return handle  # Celery's own strategy, exactly
 
     # The consumer calls it with these five arguments for every message of the task: no
     # ``**kwargs`` to pack and unpack on the way through (a third of what the layer costs).
     def task_message_handler(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any) -> Any:
         try:
+            if body is None:  # protocol 2: the body is decoded here (Celery decodes it next)
+                check_body(message.payload)
             return handle(message, body, ack, reject, callbacks)
         except UNREADABLE as exc:
-            if message.acknowledged or not getattr(task, "dead_letter", False):
-                raise  # Celery's own handling, as for any task
+            if message.acknowledged:  # settled already: handing it to Celery would settle it
+                logger.error(  # twice (MessageStateError), which stops the consumer
+                    "resilient_tasks: a message of %s, settled already, raised %r",
+                    task.name,
+                    exc,
+                    exc_info=exc,
+                )
+                return None
             _settle(task, consumer, message, exc, ack, reject)
             return None
 
     return task_message_handler
 
 
+def check_body(body: Any) -> None:
+    """Raise ``InvalidTaskError`` unless ``body``, decoded, has the shape of a Celery task
+    message: ``[args, kwargs, embed]`` (protocol 2), or a mapping with ``args`` (protocol 1,
+    which Celery's strategy converts and checks itself).
+
+    Celery does not check the shape. A body of another shape (JSON ``null``, ``[1, 2]``, a
+    string) makes it raise in the worker's main process while it builds the request, which stops
+    the worker ("Unrecoverable error"), and the message, unacknowledged, comes back to stop the
+    next one; arguments or options of the wrong type fail in ways that leave the message
+    unsettled. A library task's message of the wrong shape is dead-lettered instead.
+
+    Example::
+
+        >>> check_body([[42], {"region": "eu"}, {"callbacks": None}])
+        >>> try:
+        ...     check_body([42, {}])
+        ... except InvalidTaskError as exc:
+        ...     print(exc)
+        the body is not Celery's [args, kwargs, embed]: a list of 2
+    """
+    kind = type(body)
+    if (kind is list or kind is tuple) and len(body) == 3:
+        args, kwargs, embed = body
+        if (
+            (type(args) is list or isinstance(args, list | tuple))
+            and (type(kwargs) is dict or isinstance(kwargs, Mapping))
+            and (embed is None or type(embed) is dict or isinstance(embed, Mapping))
+        ):
+            return
+        raise InvalidTaskError(
+            "the body is not Celery's [args, kwargs, embed]: they are "
+            f"[{type(args).__name__}, {type(kwargs).__name__}, {type(embed).__name__}]"
+        )
+    if isinstance(body, Mapping) and "args" in body:
+        return
+    shape = (
+        f"a {kind.__name__} of {len(body)}"
+        if isinstance(body, list | tuple)
+        else f"a {kind.__name__}"
+    )
+    raise InvalidTaskError(f"the body is not Celery's [args, kwargs, embed]: {shape}")
+
+
 def _settle(task: Any, consumer: Any, message: Any, exc: Exception, ack: Any, reject: Any) -> None:
     """Dead-letter the unreadable ``message``, then acknowledge it; requeue it if the dead
-    letter cannot be published."""
+    letter cannot be published. Never raises: what escapes a strategy stops the worker."""
     headers = message.headers if isinstance(message.headers, dict) else {}
     task_id = str(headers.get("id") or "")
     errors = consumer.connection_errors
@@ -98,13 +154,13 @@ def _settle(task: Any, consumer: Any, message: Any, exc: Exception, ack: Any, re
         exc,
         exc_info=exc,
     )
-    history, final = _attempts(headers, exc, consumer.hostname)
-    if isinstance(task, FailureHooksMixin):
-        give_up(task, _details(task, task_id, exc, history.record(final), consumer.hostname))
-    envelope = _envelope(task, message, task_id, exc, history, final)
-    source = envelope["task"]["queue"]
-    queue = task.dead_letter_queue_for(source)
+    queue = None
     try:
+        embed = _embed(message, exc)
+        history, final = _attempts(headers, exc, consumer.hostname)
+        envelope = _envelope(task, message, task_id, exc, history, final, embed)
+        source = envelope["task"]["queue"]
+        queue = task.dead_letter_queue_for(source)
         publish_envelope(task.app, queue, envelope, source)
     except Exception:
         logger.exception(
@@ -116,18 +172,40 @@ def _settle(task: Any, consumer: Any, message: Any, exc: Exception, ack: Any, re
         )
         reject(logger, errors, True)
         return
-    described = {**headers, "delivery_info": message.delivery_info}
-    _events.emit(
-        "task_dead_lettered",
-        request=described,
-        task=task,
-        reason=_REASON,
-        queue=queue,
-        exception=exc,
-        envelope=envelope,
-    )
-    _store_failure(task, message, headers, task_id, exc)
-    ack(logger, errors)
+    try:  # the dead letter is on the broker: whatever happens now, the message is settled
+        if isinstance(task, FailureHooksMixin):
+            give_up(task, _details(task, task_id, exc, history.record(final), consumer.hostname))
+        _events.emit(
+            "task_dead_lettered",
+            request={**headers, "delivery_info": message.delivery_info},
+            task=task,
+            reason=_REASON,
+            queue=queue,
+            exception=exc,
+            envelope=envelope,
+        )
+        _store_failure(task, message, headers, task_id, exc, embed)
+    except Exception:
+        logger.exception(
+            "resilient_tasks: settling the dead-lettered message of %s[%s] raised",
+            task.name,
+            task_id,
+        )
+    finally:
+        ack(logger, errors)
+
+
+def _embed(message: Any, exc: Exception) -> Mapping[str, Any]:
+    """The body's workflow options (``chord``, ``errbacks``, ``chain``) when the body did decode
+    to Celery's shape (an ``eta`` or ``expires`` that is no date), else none."""
+    if not isinstance(exc, InvalidTaskError):
+        return {}
+    try:
+        check_body(message.payload)
+        embed = message.payload[2]
+    except Exception:
+        return {}
+    return embed if isinstance(embed, Mapping) else {}
 
 
 def _attempts(headers: dict[str, Any], exc: Exception, hostname: str) -> tuple[History, Attempt]:
@@ -155,7 +233,13 @@ def _details(
 
 
 def _envelope(
-    task: Any, message: Any, task_id: str, exc: Exception, history: History, final: Attempt
+    task: Any,
+    message: Any,
+    task_id: str,
+    exc: Exception,
+    history: History,
+    final: Attempt,
+    embed: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The envelope: the message as it came, no arguments (they could not be read)."""
     try:
@@ -167,7 +251,7 @@ def _envelope(
             history=history,
             final=final,
             dead_lettered_at=datetime.now(timezone.utc),
-            canvas=_canvas(message.headers or {}, None),
+            canvas=_canvas(message.headers or {}, [(), {}, embed]),
             redact_patterns=redact_patterns(task.app),
         )
     except Exception:  # what the message carries must never stop its dead-lettering
@@ -180,12 +264,22 @@ def _envelope(
 
 
 def _store_failure(
-    task: Any, message: Any, headers: dict[str, Any], task_id: str, exc: Exception
+    task: Any,
+    message: Any,
+    headers: dict[str, Any],
+    task_id: str,
+    exc: Exception,
+    embed: Mapping[str, Any],
 ) -> None:
-    """Mark the result ``FAILURE``, as Celery's ``Request.on_failure`` does for a task that
-    raised (a caller waiting on it gets the error)."""
-    if not task_id or (task.ignore_result and not task.store_errors_even_if_ignored):
+    """Mark the result ``FAILURE`` and tell the workflow, as Celery's ``Request.on_failure`` does
+    for a task that raised: a caller waiting on it gets the error, a chord it belongs to counts
+    it, the tasks chained after it fail, its ``link_error`` callbacks run. The workflow is known
+    only when the body decoded (``embed``)."""
+    if not task_id:
         return
+    ignore_result = headers.get("ignore_result")
+    if ignore_result is None:
+        ignore_result = task.ignore_result
     properties = message.properties or {}
     request = Context(
         headers,
@@ -194,11 +288,18 @@ def _store_failure(
         delivery_info=message.delivery_info,
         reply_to=properties.get("reply_to"),
         correlation_id=properties.get("correlation_id") or task_id,
-        chord=None,
-        errbacks=None,
+        chord=embed.get("chord"),
+        chain=embed.get("chain"),
+        errbacks=embed.get("errbacks"),
+        callbacks=embed.get("callbacks"),
     )
     try:
-        task.backend.mark_as_failure(task_id, exc, request=request, call_errbacks=False)
+        task.backend.mark_as_failure(
+            task_id,
+            exc,
+            request=request,
+            store_result=not ignore_result or task.store_errors_even_if_ignored,
+        )
     except Exception:
         logger.exception(
             "resilient_tasks: could not store the failure of %s[%s]", task.name, task_id

@@ -33,6 +33,8 @@ class Message:
         default_factory=lambda: {"exchange": "", "routing_key": "billing"}
     )
     acknowledged: bool = False
+    #: The body as Celery's strategy decodes it.
+    payload: Any = field(default_factory=lambda: [[1], {}, {}])
 
 
 class Consumer:
@@ -77,11 +79,19 @@ def published(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]
     return sent
 
 
-def handler(task: Any, raising: BaseException | None, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The library's handler around a stand-in for Celery's, which raises ``raising``."""
+def handler(
+    task: Any,
+    raising: BaseException | None,
+    monkeypatch: pytest.MonkeyPatch,
+    handled: list[Any] | None = None,
+) -> Any:
+    """The library's handler around a stand-in for Celery's, which raises ``raising`` (and
+    appends each message it is given to ``handled``)."""
 
     def celerys(_task: Any, _app: Any, _consumer: Any, **_: Any) -> Any:
         def handle(message: Any, *args: Any, **kwargs: Any) -> str:
+            if handled is not None:
+                handled.append(message)
             if raising is not None:
                 raise raising
             return "handled by Celery"
@@ -98,11 +108,13 @@ class Settled:
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
 
-    def ack(self, *args: Any) -> None:
-        self.calls.append(("ack", args[2:]))
+    def ack(self, logger: Any, errors: Any, *rest: Any) -> None:
+        assert (logger, errors) == (strategy.logger, Consumer.connection_errors)
+        self.calls.append(("ack", rest))
 
-    def reject(self, *args: Any) -> None:
-        self.calls.append(("reject", args[2:]))
+    def reject(self, logger: Any, errors: Any, *rest: Any) -> None:
+        assert (logger, errors) == (strategy.logger, Consumer.connection_errors)
+        self.calls.append(("reject", rest))
 
 
 def deliver(handle: Any, message: Message) -> tuple[Any, Settled]:
@@ -181,14 +193,16 @@ def test_a_readable_message_goes_through_celerys_strategy_untouched(
     assert published == []
 
 
-def test_a_message_already_acknowledged_is_left_to_celery(
+def test_a_message_settled_already_is_not_handed_back_to_celery(
     task: Any, published: list[tuple[str, dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Celery's handlers would settle it a second time (``MessageStateError``), which stops the
+    consumer: it is logged and left as it is."""
     handle = handler(task, DecodeError("corrupt"), monkeypatch)
 
-    with pytest.raises(DecodeError):
-        deliver(handle, Message(headers(), acknowledged=True))
-    assert published == []
+    returned, settled = deliver(handle, Message(headers(), acknowledged=True))
+
+    assert (returned, settled.calls, published) == (None, [], [])
 
 
 def test_a_task_with_dead_letter_false_leaves_it_to_celery(
@@ -203,13 +217,122 @@ def test_a_task_with_dead_letter_false_leaves_it_to_celery(
     assert published == []
 
 
-def test_the_envelopes_kwargs_keep_no_secret_from_the_unread_body(
+@pytest.mark.parametrize(
+    "body",
+    [
+        [[42], {"region": "eu"}, {"callbacks": None, "chain": None}],
+        ((42,), {}, None),  # pickle's tuples, an empty embed
+        {"args": [42], "kwargs": {}, "id": "f7c9", "task": "billing.sync"},  # protocol 1
+    ],
+    ids=["json", "pickle", "protocol-1"],
+)
+def test_a_body_of_celerys_shape_passes(body: Any) -> None:
+    strategy.check_body(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "shape"),
+    [
+        (None, "a NoneType"),
+        ([1, 2], "a list of 2"),
+        ("[[1], {}, {}]", "a str"),
+        ({"kwargs": {}}, "a dict"),
+        ([7, {}, {}], "[int, dict, dict]"),
+        ([[7], [2], {}], "[list, list, dict]"),
+        ([[7], {}, 5], "[list, dict, int]"),
+    ],
+)
+def test_a_body_of_another_shape_is_refused_with_what_it_is(body: Any, shape: str) -> None:
+    with pytest.raises(InvalidTaskError, match=r"not Celery's \[args, kwargs, embed\]: ") as info:
+        strategy.check_body(body)
+    assert str(info.value).endswith(shape)
+
+
+def test_a_body_of_another_shape_is_dead_lettered_before_celery_builds_a_request(
     task: Any, published: list[tuple[str, dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The body could not be read, so nothing from it reaches ``task``: only ``original``
-    (which replay republishes) keeps it, as for every dead letter."""
+    """Celery would raise while building the request and stop the worker."""
+    handled: list[Any] = []
+    message = Message(headers(), body=b"[1, 2]", payload=[1, 2])
+
+    _, settled = deliver(handler(task, None, monkeypatch, handled), message)
+
+    assert handled == []
+    assert settled.calls == [("ack", ())]
+    ((_, envelope),) = published
+    assert envelope["exception"]["type"] == "celery.exceptions.InvalidTaskError"
+    assert envelope["exception"]["message"].endswith("a list of 2")
+
+
+def test_the_hooks_run_once_the_dead_letter_is_on_the_broker_not_before(
+    task: Any, given_up: list[FailureDetails], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the publish fails the message keeps coming back; ``on_give_up`` runs for the
+    delivery that is dead-lettered, not for each one before it."""
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise ConnectionError("broker gone")
+
+    monkeypatch.setattr(strategy, "publish_envelope", refuse)
+
     deliver(handler(task, DecodeError("corrupt"), monkeypatch), Message(headers()))
 
+    assert given_up == []
+
+
+def test_a_failure_before_the_publish_requeues_and_never_reaches_the_consumer(
+    task: Any, published: list[tuple[str, dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What escapes a strategy stops the worker, and the message would stop the next one."""
+
+    def broken(_queue: str) -> str:
+        raise ZeroDivisionError
+
+    monkeypatch.setattr(task, "dead_letter_queue_for", broken)
+
+    returned, settled = deliver(
+        handler(task, DecodeError("corrupt"), monkeypatch), Message(headers())
+    )
+
+    assert (returned, settled.calls, published) == (None, [("reject", (True,))], [])
+
+
+def test_a_failure_after_the_publish_still_acknowledges(
+    task: Any, published: list[tuple[str, dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dead letter is on the broker: requeueing now would dead-letter it twice."""
+
+    def broken(*_: Any, **__: Any) -> None:
+        raise ZeroDivisionError
+
+    monkeypatch.setattr(strategy, "give_up", broken)
+
+    returned, settled = deliver(
+        handler(task, DecodeError("corrupt"), monkeypatch), Message(headers())
+    )
+
+    assert (returned, settled.calls, len(published)) == (None, [("ack", ())], 1)
+
+
+def test_a_body_that_decoded_tells_its_workflow(
+    task: Any, published: list[tuple[str, dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An eta that is no date: the body decoded, so the chord it belongs to, the rest of its
+    chain and its errbacks are known, and the failure reaches them as Celery's would."""
+    embed = {"chord": {"task": "billing.total"}, "chain": [{"task": "billing.mail"}],
+             "errbacks": [{"task": "billing.alert"}], "callbacks": None}  # fmt: skip
+    seen: list[Any] = []
+    monkeypatch.setattr(task.backend, "mark_as_failure", lambda task_id, exc, **kw: seen.append(kw))
+    message = Message(headers(eta="next tuesday", ignore_result=True), payload=[[1], {}, embed])
+
+    deliver(handler(task, InvalidTaskError("invalid ETA value"), monkeypatch), message)
+
     ((_, envelope),) = published
-    assert envelope["task"]["kwargs"] == {}
-    assert "s3cr3t" not in repr({k: v for k, v in envelope.items() if k != "original"})
+    assert envelope["canvas"]["chord"] is True
+    assert envelope["canvas"]["chain_remaining"] == ["billing.mail"]
+    ((options,),) = [seen]
+    request = options["request"]
+    assert (request.chord, request.chain, request.errbacks) == (
+        embed["chord"], embed["chain"], embed["errbacks"],
+    )  # fmt: skip
+    assert options["store_result"] is False  # ignore_result=True on the call

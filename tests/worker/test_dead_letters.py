@@ -249,6 +249,19 @@ UNREADABLE = {
         {},
         "ContentDisallowed",
     ),
+    "a body that is not [args, kwargs, embed]": (
+        b"[[7], [2]]",
+        "application/json",
+        {},
+        "InvalidTaskError",
+    ),
+    "JSON null": (b"null", "application/json", {}, "InvalidTaskError"),
+    "kwargs that are not a mapping": (
+        b'[[7], ["log"], {}]',
+        "application/json",
+        {},
+        "InvalidTaskError",
+    ),
     "an eta that is no date": (
         json.dumps([[7, "log"], {}, {}]).encode(),
         "application/json",
@@ -263,7 +276,8 @@ def test_a_message_the_worker_cannot_read_is_dead_lettered_as_it_came(
     workers: WorkerRunner, case: str
 ) -> None:
     """Celery drops these before any task code runs (acknowledged, or rejected without
-    requeue); the library's strategy dead-letters them first, and marks the result."""
+    requeue), or, for a body of another shape, stops the worker (or leaves the message
+    unsettled); the library's strategy dead-letters them first, and marks the result."""
     body, content_type, headers, error = UNREADABLE[case]
     worker = workers.start(APP)
 
@@ -284,7 +298,7 @@ def test_a_message_the_worker_cannot_read_is_dead_lettered_as_it_came(
     worker.wait_for(lambda: result.state == "FAILURE", what="the result marked FAILURE")
     assert error in type(result.result).__name__ + repr(result.result)
     assert "the worker cannot read a message of dl.permanent" in worker.output_text()
-    assert not any(a["id"] == task_id for a in worker.attempts())  # the body never ran
+    assert not any(a.get("id") == task_id for a in worker.attempts())  # the body never ran
 
 
 def test_a_message_dead_letter_false_cannot_read_is_left_to_celery(workers: WorkerRunner) -> None:
@@ -325,3 +339,23 @@ def test_an_unreadable_message_whose_dead_letter_cannot_be_published_comes_back(
 
     assert envelope["task"]["id"] == task_id
     assert envelope["exception"]["type"] == "kombu.exceptions.DecodeError"
+
+
+def test_an_unreadable_message_whose_body_decoded_still_fails_its_workflow(
+    workers: WorkerRunner,
+) -> None:
+    """An eta that is no date: the body decoded, so its link_error runs as for any failure."""
+    worker = workers.start(APP)
+    embed = {"errbacks": [dict(worker.signature("dl.errback"))], "callbacks": None,
+             "chain": None, "chord": None}  # fmt: skip
+    body = json.dumps([[7, str(worker.log)], {}, embed]).encode()
+
+    task_id = publish_raw(worker, body, "application/json", eta="next tuesday")
+    envelope = only_envelope(worker)
+    worker.wait_for(
+        lambda: any(a["task"] == "dl.errback" for a in worker.attempts()), what="the errback"
+    )
+
+    assert envelope["exception"]["type"] == "celery.exceptions.InvalidTaskError"
+    assert [a["failed_id"] for a in worker.attempts() if a["task"] == "dl.errback"] == [task_id]
+    assert not any(a.get("id") == task_id for a in worker.attempts())

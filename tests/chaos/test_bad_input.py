@@ -171,24 +171,7 @@ def test_a_pickled_argument_the_worker_cannot_rebuild_is_dead_lettered_as_it_cam
 
 
 def test_a_message_whose_json_body_is_corrupt_is_dead_lettered_as_it_came(site: Site) -> None:
-    task_id = str(uuid.uuid4())
-    client = site.worker.client
-    queue = client.amqp.queues[site.worker.queue]
-    headers = {
-        "lang": "py", "task": "chaos.fail", "id": task_id, "root_id": task_id,
-        "parent_id": None, "group": None, "retries": 0, "eta": None, "expires": None,
-        "argsrepr": "()", "kwargsrepr": "{}", "origin": "chaos",
-    }  # fmt: skip
-    with client.producer_or_acquire() as producer:
-        producer.publish(
-            b'[[], {"log": "truncated',
-            exchange=queue.exchange,
-            routing_key=queue.routing_key,
-            content_type="application/json",
-            content_encoding="utf-8",
-            headers=headers,
-            declare=[queue],
-        )
+    task_id = site.worker.publish_raw("chaos.fail", b'[[], {"log": "truncated')
 
     outcome = site.outcome(task_id, timeout=10)
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -79,6 +80,30 @@ class Worker:
 
     def signature(self, name: str, *args: Any, **options: Any) -> Any:
         return self.client.signature(name, args=[*args, str(self.log)], **options)
+
+    def publish_raw(
+        self, task: str, body: bytes, content_type: str = "application/json", **headers: Any
+    ) -> str:
+        """Publish a message for ``task`` to the worker's queue as a client would, but with
+        ``body`` as it is and ``headers`` over Celery's protocol 2 headers; return its id."""
+        task_id = str(uuid.uuid4())
+        queue = self.client.amqp.queues[self.queue]
+        protocol = {
+            "lang": "py", "task": task, "id": task_id, "root_id": task_id, "parent_id": None,
+            "group": None, "retries": 0, "eta": None, "expires": None, "argsrepr": "()",
+            "kwargsrepr": "{}", "origin": "test",
+        }  # fmt: skip
+        with self.client.producer_or_acquire() as producer:
+            producer.publish(
+                body,
+                exchange=queue.exchange,
+                routing_key=queue.routing_key,
+                content_type=content_type,
+                content_encoding="utf-8" if content_type == "application/json" else "binary",
+                headers={**protocol, **headers},
+                declare=[queue],
+            )
+        return task_id
 
     def drain(self, queue: str) -> list[Any]:
         """Consume and return every message body now in ``queue`` (e.g. a dead-letter queue)."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import pickle
 import time
-import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -141,18 +142,26 @@ def test_failure_is_still_recorded_and_link_error_still_fires(workers: WorkerRun
     assert [a["failed_id"] for a in worker.attempts() if a["task"] == "dl.errback"] == [result.id]
 
 
+@contextmanager
+def publishing_through_a_cut_proxy(workers: WorkerRunner) -> Iterator[tuple[Worker, CuttableProxy]]:
+    """A worker whose publishes (dead letters, retries) go through a proxy that starts cut."""
+    url = urlsplit(workers.broker.url)
+    proxy = CuttableProxy((url.hostname or "127.0.0.1", url.port or DEFAULT_PORTS[url.scheme]))
+    try:
+        proxy.cut()
+        proxied = url._replace(netloc=url.netloc.replace(f":{url.port}", "") + f":{proxy.port}")
+        yield workers.start(APP, worker_settings={"broker_write_url": proxied.geturl()}), proxy
+    finally:
+        proxy.close()
+
+
 @pytest.mark.parametrize("broker", ["rabbitmq", "redis"], indirect=True)
 def test_unpublishable_envelope_requeues_the_message_and_loses_nothing(
     workers: WorkerRunner,
 ) -> None:
     """The worker publishes dead letters through a proxy the test cuts: the message comes back
     until the envelope can be published, then is dead-lettered exactly once."""
-    url = urlsplit(workers.broker.url)
-    proxy = CuttableProxy((url.hostname or "127.0.0.1", url.port or DEFAULT_PORTS[url.scheme]))
-    try:
-        proxy.cut()
-        proxied = url._replace(netloc=url.netloc.replace(f":{url.port}", "") + f":{proxy.port}")
-        worker = workers.start(APP, worker_settings={"broker_write_url": proxied.geturl()})
+    with publishing_through_a_cut_proxy(workers) as (worker, proxy):
         result = worker.send("dl.permanent", 7)
 
         worker.wait_for(
@@ -165,8 +174,6 @@ def test_unpublishable_envelope_requeues_the_message_and_loses_nothing(
         proxy.restore()
         (envelope,) = worker.dead_letters(1)
         time.sleep(0.5)
-    finally:
-        proxy.close()
 
     assert envelope["task"]["id"] == result.id
     assert worker.drain(f"{worker.queue}.dlq") == []
@@ -217,30 +224,6 @@ def test_in_a_group_only_the_failing_member_is_dead_lettered(workers: WorkerRunn
 # -- messages the worker cannot read -------------------------------------------------------------
 
 
-def publish_raw(worker: Worker, body: bytes, content_type: str, **headers: Any) -> str:
-    """Publish a task message for ``dl.permanent`` as a client would, but with ``body`` as it
-    is and ``headers`` over Celery's; return its task id."""
-    task_id = str(uuid.uuid4())
-    client = worker.client
-    queue = client.amqp.queues[worker.queue]
-    protocol = {
-        "lang": "py", "task": "dl.permanent", "id": task_id, "root_id": task_id,
-        "parent_id": None, "group": None, "retries": 0, "eta": None, "expires": None,
-        "argsrepr": "()", "kwargsrepr": "{}", "origin": "test",
-    }  # fmt: skip
-    with client.producer_or_acquire() as producer:
-        producer.publish(
-            body,
-            exchange=queue.exchange,
-            routing_key=queue.routing_key,
-            content_type=content_type,
-            content_encoding="utf-8" if content_type == "application/json" else "binary",
-            headers={**protocol, **headers},
-            declare=[queue],
-        )
-    return task_id
-
-
 UNREADABLE = {
     "corrupt JSON": (b'[[7], {"log": "trunc', "application/json", {}, "DecodeError"),
     "a content type the worker refuses": (
@@ -281,7 +264,7 @@ def test_a_message_the_worker_cannot_read_is_dead_lettered_as_it_came(
     body, content_type, headers, error = UNREADABLE[case]
     worker = workers.start(APP)
 
-    task_id = publish_raw(worker, body, content_type, **headers)
+    task_id = worker.publish_raw("dl.permanent", body, content_type, **headers)
     envelope = only_envelope(worker)
 
     assert envelope["reason"] == "exception"
@@ -304,7 +287,7 @@ def test_a_message_the_worker_cannot_read_is_dead_lettered_as_it_came(
 def test_a_message_dead_letter_false_cannot_read_is_left_to_celery(workers: WorkerRunner) -> None:
     worker = workers.start(APP)
 
-    publish_raw(worker, b"[[], {", "application/json", task="dl.off")
+    worker.publish_raw("dl.off", b"[[], {")
     worker.wait_for(lambda: "Can't decode message body" in worker.output_text())
     time.sleep(0.3)
 
@@ -317,13 +300,8 @@ def test_an_unreadable_message_whose_dead_letter_cannot_be_published_comes_back(
 ) -> None:
     """As for a task that failed: the message is requeued until its envelope can be
     published, then dead-lettered exactly once."""
-    url = urlsplit(workers.broker.url)
-    proxy = CuttableProxy((url.hostname or "127.0.0.1", url.port or DEFAULT_PORTS[url.scheme]))
-    try:
-        proxy.cut()
-        proxied = url._replace(netloc=url.netloc.replace(f":{url.port}", "") + f":{proxy.port}")
-        worker = workers.start(APP, worker_settings={"broker_write_url": proxied.geturl()})
-        task_id = publish_raw(worker, b"[[7], {", "application/json")
+    with publishing_through_a_cut_proxy(workers) as (worker, proxy):
+        task_id = worker.publish_raw("dl.permanent", b"[[7], {")
 
         refused = "could not dead-letter the unreadable message of dl.permanent"
         worker.wait_for(
@@ -334,8 +312,6 @@ def test_an_unreadable_message_whose_dead_letter_cannot_be_published_comes_back(
 
         proxy.restore()
         envelope = only_envelope(worker)
-    finally:
-        proxy.close()
 
     assert envelope["task"]["id"] == task_id
     assert envelope["exception"]["type"] == "kombu.exceptions.DecodeError"
@@ -350,7 +326,7 @@ def test_an_unreadable_message_whose_body_decoded_still_fails_its_workflow(
              "chain": None, "chord": None}  # fmt: skip
     body = json.dumps([[7, str(worker.log)], {}, embed]).encode()
 
-    task_id = publish_raw(worker, body, "application/json", eta="next tuesday")
+    task_id = worker.publish_raw("dl.permanent", body, "application/json", eta="next tuesday")
     envelope = only_envelope(worker)
     worker.wait_for(
         lambda: any(a["task"] == "dl.errback" for a in worker.attempts()), what="the errback"

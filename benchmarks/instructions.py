@@ -18,6 +18,11 @@ Not part of ``nox -s bench`` (it needs ``valgrind`` and takes minutes). Two plac
   - ``resilient_events_logged``: the same as ``resilient_events`` at INFO, every event
     rendered as JSON into ``os.devnull``.
 
+* ``steps`` (about 40 s a count): what each of the library's steps costs a
+  ``resilient_library_events`` task (``connect(plain_tasks=False)``, at WARNING) in the tracer,
+  counted with the garbage collector off (its passes would move the small differences): the
+  task whole, then with one step taken out at a time (:data:`STEPS`), and the plain task.
+
 * ``worker`` (a few minutes a variant): a real ``celery worker -P prefork -c 2`` on the broker
   (the main process and both pool children, every file callgrind writes), run once with
   ``--warmup`` tasks and once with ``--warmup`` + ``--tasks``, started after the messages are
@@ -34,6 +39,7 @@ Examples::
 
     python -m benchmarks.instructions inprocess
     python -m benchmarks.instructions worker --broker rabbitmq --variants plain,resilient
+    python -m benchmarks.instructions steps
 
 Prints a table and writes ``benchmarks/results/instructions-<where>.json``.
 """
@@ -41,6 +47,7 @@ Prints a table and writes ``benchmarks/results/instructions-<where>.json``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -90,13 +97,51 @@ def counted(folder: Path) -> dict[int, int]:
 # -- in one process --------------------------------------------------------------------------
 
 
-def loop(variant: str, calls: int) -> None:
-    """What runs under callgrind: the variant's set-up, a warm-up, then ``calls`` calls."""
+#: The steps ``steps`` takes out one at a time, and what taking each out leaves.
+STEPS = {
+    "binding": "the seven CONTEXT_KEYS not bound in structlog's contextvars",
+    "attempt": "no attempt_started (the attempt's start time, a ContextVar)",
+    "after_return": "no after_return (where task_succeeded is logged)",
+    "started": "no task_started step (its clock and the level check)",
+}
+
+
+def _take_out(step: str) -> None:
+    """Take ``step`` (one of :data:`STEPS`) out of the library, in this process only."""
+    from resilient_tasks import _call, observability
+
+    if step == "binding":
+        observability._bind_keys = lambda described: ()
+    elif step == "attempt":
+
+        def before(self: Any, request: Any) -> tuple[None, Any]:
+            return None, self._rt_bind(request)
+
+        def after(self: Any, started: tuple[Any, Any]) -> None:
+            if started[1] is not None:
+                self._rt_unbind(started[1])
+
+        _call.StepsMixin._rt_before = before
+        _call.StepsMixin._rt_after = after
+    elif step == "after_return":
+        del observability.ObservabilityMixin.after_return
+    elif step == "started":
+        observability._started = lambda described: None
+    elif step:
+        raise SystemExit(f"unknown step {step!r}; the steps are {', '.join(STEPS)}")
+
+
+def loop(variant: str, calls: int, without: str = "") -> None:
+    """What runs under callgrind: the variant's set-up, a warm-up, then ``calls`` calls;
+    ``without`` a step (``steps``), with the garbage collector off."""
     from celery import signals
     from celery.app.trace import setup_worker_optimizations
 
     from . import inprocess
 
+    if without:
+        gc.disable()
+        _take_out("" if without == "-" else without)
     app, tasks = inprocess.make_app()
     setup_worker_optimizations(app, inprocess.HOSTNAME)
     call = inprocess.tracer_call(app, tasks[variant.split("_", 1)[0]])
@@ -117,7 +162,7 @@ def _nothing(**_: Any) -> None:
     """A receiver that does nothing."""
 
 
-def inprocess_counts(variants: list[str], calls: int) -> dict[str, float]:
+def inprocess_counts(variants: list[str], calls: int, without: str = "") -> dict[str, float]:
     results: dict[str, float] = {}
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     for variant in variants:
@@ -126,7 +171,7 @@ def inprocess_counts(variants: list[str], calls: int) -> dict[str, float]:
             with tempfile.TemporaryDirectory(prefix="rt-callgrind-") as tmp:
                 program = (sys.executable, "-m", "benchmarks.instructions", "_loop", variant)
                 subprocess.run(
-                    [*valgrind(Path(tmp)), *program, str(n)],
+                    [*valgrind(Path(tmp)), *program, str(n), *([without] if without else [])],
                     cwd=ROOT,
                     env=env,
                     check=True,
@@ -135,8 +180,24 @@ def inprocess_counts(variants: list[str], calls: int) -> dict[str, float]:
                 )
                 totals.append(sum(counted(Path(tmp)).values()))
         results[variant] = (totals[1] - totals[0]) / calls
-        print(f"inprocess {variant:24} {results[variant]:10,.0f} instructions a task", flush=True)
+        label = f"{variant} without {without}" if without not in ("", "-") else variant
+        print(f"inprocess {label:40} {results[variant]:10,.0f} instructions a task", flush=True)
     return results
+
+
+def step_counts(calls: int) -> dict[str, float]:
+    """``steps``: the events task whole and without each step, and plain, collector off."""
+    variant = "resilient_library_events"
+    whole = inprocess_counts([variant], calls, "-")[variant]
+    plain = inprocess_counts(["plain"], calls, "-")["plain"]
+    costs = {"plain": plain, variant: whole}
+    for step in STEPS:
+        left = inprocess_counts([variant], calls, step)[variant]
+        costs[f"step {step}"] = whole - left
+    print(f"{variant} over plain: {whole - plain:+,.0f} instructions a task; by step:")
+    for step, meaning in STEPS.items():
+        print(f"  {step:14} {costs[f'step {step}']:+9,.0f}  (without it: {meaning})")
+    return costs
 
 
 # -- a real worker ---------------------------------------------------------------------------
@@ -193,10 +254,10 @@ def _worker_run(
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["_loop"]:
-        loop(args_list[1], int(args_list[2]))
+        loop(args_list[1], int(args_list[2]), *args_list[3:4])
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__)
-    parser.add_argument("where", choices=("inprocess", "worker"))
+    parser.add_argument("where", choices=("inprocess", "steps", "worker"))
     parser.add_argument("--variants", help="comma-separated (default: all of that place)")
     parser.add_argument("--tasks", type=int, help="inprocess: 2000 calls; worker: 1000 tasks")
     parser.add_argument("--warmup", type=int, default=100, help="worker: tasks of the base run")
@@ -206,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.where == "inprocess":
         variants = args.variants.split(",") if args.variants else list(INPROCESS)
         results = inprocess_counts(variants, args.tasks or 2000)
+    elif args.where == "steps":
+        results = step_counts(args.tasks or 2000)
     else:
         variants = args.variants.split(",") if args.variants else list(WORKER)
         results, main_process = worker_counts(
@@ -214,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         record["main_process"] = main_process
         record["broker"] = args.broker
     base = results.get("plain")
-    if base:
+    if base and args.where != "steps":
         for variant, value in results.items():
             print(f"{variant:24} {value / base:6.3f} of plain, {value - base:+10,.0f}")
     out = ROOT / "benchmarks" / "results" / f"instructions-{args.where}.json"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -161,12 +161,10 @@ class ResilientRequest(Request):  # type: ignore[misc]
     def _dead_letter(self, exc: BaseException, exc_info: ExceptionInfo, reason: Reason) -> bool:
         """Publish the envelope; on failure requeue (acks_late) and return False."""
         task = self.task
-        try:
-            envelope = self._envelope(exc, exc_info, reason)
-        except Exception:  # what the message carries must never stop its dead-lettering
-            logger.exception("resilient_tasks: building the envelope of %s[%s] failed; "
-                             "dead-lettering a minimal one", self.name, self.id)  # fmt: skip
-            envelope = self._minimal_envelope(exc, reason)
+        envelope = _envelope_or_bare(
+            lambda: self._envelope(exc, exc_info, reason), self.message, self.id, self.name, exc,
+            reason,
+        )  # fmt: skip
         source = envelope["task"]["queue"]
         queue = task.dead_letter_queue_for(source)
         try:
@@ -377,10 +375,6 @@ class ResilientRequest(Request):  # type: ignore[misc]
             now=datetime.now(timezone.utc),
         )
 
-    def _minimal_envelope(self, exc: BaseException, reason: Reason) -> dict[str, Any]:
-        """An envelope from the raw message alone, when the full one cannot be built."""
-        return _bare_envelope(self.message, self.id, self.name, exc, reason)
-
     def _envelope(
         self, exc: BaseException, exc_info: ExceptionInfo, reason: Reason
     ) -> dict[str, Any]:
@@ -447,6 +441,24 @@ def _failed_message(
         routing_key=_own_routing_key(delivery),
         priority=properties.get("priority", delivery.get("priority")),
     )
+
+
+def _envelope_or_bare(
+    build: Callable[[], dict[str, Any]],
+    message: Any,
+    task_id: str,
+    task_name: str,
+    exc: BaseException,
+    reason: Reason,
+) -> dict[str, Any]:
+    """What ``build`` returns, or, if it raises, the envelope of the raw message alone: what
+    the message carries must never stop its dead-lettering."""
+    try:
+        return build()
+    except Exception:
+        logger.exception("resilient_tasks: building the envelope of %s[%s] failed; "
+                         "dead-lettering a minimal one", task_name, task_id)  # fmt: skip
+        return _bare_envelope(message, task_id, task_name, exc, reason)
 
 
 def _bare_envelope(

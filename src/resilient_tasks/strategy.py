@@ -44,7 +44,7 @@ from .envelope import build_envelope, redact_patterns
 from .history import Attempt, History
 from .hooks import FailureDetails, FailureHooksMixin, give_up
 from .policy import Reason
-from .request import _bare_envelope, _canvas, _failed_message
+from .request import _canvas, _envelope_or_bare, _failed_message
 
 __all__ = ["UNREADABLE", "check_body", "dead_lettering"]
 
@@ -202,8 +202,9 @@ def _embed(message: Any, exc: Exception) -> Mapping[str, Any]:
     if not isinstance(exc, InvalidTaskError):
         return {}
     try:
-        check_body(message.payload)
-        embed = message.payload[2]
+        payload = message.payload
+        check_body(payload)
+        embed = payload[2]
     except Exception:
         return {}
     return embed if isinstance(embed, Mapping) else {}
@@ -243,8 +244,8 @@ def _envelope(
     embed: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The envelope: the message as it came, no arguments (they could not be read)."""
-    try:
-        return build_envelope(
+    return _envelope_or_bare(
+        lambda: build_envelope(
             _failed_message(message, task_id, task.name, (), {}),
             reason=_REASON,
             exception=exc,
@@ -254,14 +255,13 @@ def _envelope(
             dead_lettered_at=datetime.now(timezone.utc),
             canvas=_canvas(message.headers or {}, [(), {}, embed]),
             redact_patterns=redact_patterns(task.app),
-        )
-    except Exception:  # what the message carries must never stop its dead-lettering
-        logger.exception(
-            "resilient_tasks: building the envelope of %s[%s] failed; dead-lettering a minimal one",
-            task.name,
-            task_id,
-        )
-        return _bare_envelope(message, task_id, task.name, exc, _REASON)
+        ),
+        message,
+        task_id,
+        task.name,
+        exc,
+        _REASON,
+    )
 
 
 def _store_failure(

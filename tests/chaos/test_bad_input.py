@@ -167,7 +167,7 @@ def test_a_pickled_argument_the_worker_cannot_rebuild_is_dead_lettered_as_it_cam
     assert "not a number" in envelope["exception"]["message"]
     assert envelope["original"]["content_type"] == "application/x-python-serialize"
     with pytest.raises(ValueError, match="not a number"):  # the very bytes the client sent
-        pickle.loads(original_body(envelope["original"]))  # the test's own bytes
+        pickle.loads(original_body(envelope["original"]))
 
 
 def test_a_message_whose_json_body_is_corrupt_is_dead_lettered_as_it_came(site: Site) -> None:

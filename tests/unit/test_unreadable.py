@@ -336,3 +336,25 @@ def test_a_body_that_decoded_tells_its_workflow(
         embed["chord"], embed["chain"], embed["errbacks"],
     )  # fmt: skip
     assert options["store_result"] is False  # ignore_result=True on the call
+
+
+def test_an_envelope_that_cannot_be_built_is_replaced_by_the_raw_messages_alone(
+    task: Any,
+    published: list[tuple[str, dict[str, Any]]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(*_: Any, **__: Any) -> None:
+        raise ZeroDivisionError
+
+    monkeypatch.setattr(strategy, "build_envelope", broken)
+    message = Message(headers())
+
+    _, settled = deliver(handler(task, DecodeError("corrupt"), monkeypatch), message)
+
+    ((_, envelope),) = published
+    assert envelope["exception"]["type"] == "kombu.exceptions.DecodeError"
+    assert envelope["attempts"] == []
+    assert envelope["original"]["body"] == message.body.decode()
+    assert settled.calls == [("ack", ())]
+    assert "building the envelope of billing.sync" in caplog.text

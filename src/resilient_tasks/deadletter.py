@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from amqp.exceptions import PreconditionFailed
 from celery import Celery, Task
-from kombu.connection import Connection
+from kombu.connection import ConnectionPool
 from kombu.entity import Queue
 from kombu.messaging import Producer
-from kombu.pools import producers
+from kombu.pools import ProducerPool
 
 from .options import check_before, check_bool, invalid
 
@@ -181,29 +181,54 @@ def dead_letter_queue_for(name: str, source: Queue | None) -> Queue:
     return Queue(name, exchange="", routing_key=name, durable=True, queue_arguments=arguments)  # type: ignore[no-untyped-call]
 
 
-# The confirming connection's settings per app, made once per process (Celery builds a new
-# Connection object, URL parsing and transport lookup included, on every connection_for_write).
-_write_connections: weakref.WeakKeyDictionary[Celery, tuple[int, Connection]] = (
+class _ConnectionPool(ConnectionPool):
+    # Kombu's pools close their connections in every process billiard forks, which is right
+    # for a child that inherited them, but closing a py-amqp connection shuts its socket down
+    # (``shutdown(SHUT_RDWR)``), and the socket is the parent's too: each pool child the worker
+    # starts (a replacement for one that died, or ``max_tasks_per_child``) would cut the main
+    # process's connection under a publish in flight, which Kombu's retry then publishes again
+    # (a second dead letter). A child never uses these pools (see ``_write_pool``): it leaves
+    # them alone.
+    close_after_fork = False
+
+
+class _ProducerPool(ProducerPool):
+    close_after_fork = False
+
+
+# The confirming producer pool per app, made once per process (Celery builds a new Connection
+# object, URL parsing and transport lookup included, on every connection_for_write).
+_write_pools: weakref.WeakKeyDictionary[Celery, tuple[int, ProducerPool]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _write_connection(app: Celery) -> Connection:
-    cached = _write_connections.get(app)
-    if cached is None or cached[0] != os.getpid():
+def _write_pool(app: Celery) -> ProducerPool:
+    cached = _write_pools.get(app)
+    if cached is None or cached[0] != os.getpid():  # none yet, or the parent's: make our own
         connection = app.connection_for_write(transport_options={"confirm_publish": True})
-        _write_connections[app] = cached = (os.getpid(), connection)
+        limit = app.conf.broker_pool_limit
+        connections = _ConnectionPool(connection, limit=limit)  # type: ignore[no-untyped-call]
+        pool = _ProducerPool(connections, limit=limit)  # type: ignore[no-untyped-call]
+        _write_pools[app] = cached = (os.getpid(), pool)
     return cached[1]
 
 
 @contextmanager
 def confirmed_producer(app: Celery) -> Iterator[Producer]:
-    """A producer from Kombu's pool on the app's broker, with publisher confirms on RabbitMQ.
+    """A producer from a Kombu producer pool on the app's broker, with publisher confirms on
+    RabbitMQ.
 
-    One pool (and so one set of connections) per broker URL and options, shared by every
-    dead-letter, retry and replay publish of the process.
+    One pool (and so one set of connections, at most ``broker_pool_limit``) per app and
+    process, shared by every dead-letter, retry and replay publish of the process. Unlike
+    Kombu's global pools it survives the worker forking pool children (see ``_ConnectionPool``).
+
+    Example::
+
+        with confirmed_producer(app) as producer:
+            producer.publish({"hello": "world"}, routing_key="audit", declare=[Queue("audit")])
     """
-    with producers[_write_connection(app)].acquire(block=True, timeout=10) as producer:
+    with _write_pool(app).acquire(block=True, timeout=10) as producer:  # type: ignore[no-untyped-call]
         try:
             yield producer
         except BaseException:

@@ -3,8 +3,9 @@
 Celery builds one :class:`celery.worker.request.Request` per message in the main process and
 calls its ``on_failure`` when the task failed, before it acknowledges the message.
 :class:`ResilientRequest` (the ``Request`` class of every task built on
-:class:`~resilient_tasks.DeadLetterMixin`) dead-letters a terminal failure there, so that the
-message is acknowledged only once its envelope is on the broker.
+:class:`~resilient_tasks.DeadLetterMixin`) dead-letters a terminal failure there, and publishes
+a retry the pool child asked for there, so that the message is acknowledged only once its
+envelope, or its retry, is on the broker.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
-from celery import signals
+from celery import Signature, signals
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
 from celery.utils.serialization import UnpickleableExceptionWrapper
 from celery.worker import state
@@ -24,6 +25,7 @@ from celery.worker.request import Request
 from celery.worker.state import task_ready
 
 from . import _events, _reason
+from .classify import TRANSIENT_ERRORS
 from .deadletter import confirmed_producer, publish_envelope
 from .envelope import (
     DELAY_PREFIX,
@@ -37,7 +39,7 @@ from .envelope import (
 from .history import HEADER, Attempt, History, exception_type_name
 from .hooks import FailureHooksMixin, details_from_worker, give_up
 from .policy import AttemptState, GiveUp, Reason, RetryIn, decide
-from .retry import RetryMixin, without_x_death
+from .retry import PublishedByTheWorker, RetryMixin, without_x_death
 
 __all__ = ["REDELIVERIES", "ResilientRequest", "redeliveries"]
 
@@ -58,6 +60,10 @@ class ResilientRequest(Request):  # type: ignore[misc]
 
     * dead-letters a terminal failure before Celery acknowledges the message
       (:mod:`resilient_tasks.deadletter`);
+    * publishes the retry the pool child raised
+      (:class:`~resilient_tasks.retry.PublishedByTheWorker`), with publisher confirms, before
+      Celery acknowledges the message: a child killed in between cannot leave the retry and the
+      unacknowledged original both running;
     * settles a **hard time limit** once, on every Celery version: one retry if the task's
       policy retries ``TimeLimitExceeded``, else one dead letter (reason ``hard_time_limit``);
       the task's ``on_failure`` and ``task_failure`` run once, and the message is acknowledged
@@ -84,6 +90,9 @@ class ResilientRequest(Request):  # type: ignore[misc]
     """
 
     _resilient_settled = False
+    #: Read by :class:`~resilient_tasks.RetryMixin` in the pool child: retries are published
+    #: here, by :meth:`on_failure`, before the message is acknowledged.
+    publishes_retries = True
 
     def on_timeout(self, soft: bool, timeout: float) -> Any:
         if soft or not _handles_losses(self.task):
@@ -101,6 +110,8 @@ class ResilientRequest(Request):  # type: ignore[misc]
                          "outcome of the same run", self.name, self.id)  # fmt: skip
             return None
         exc = _unwrap(exc_info.exception)
+        if isinstance(exc, PublishedByTheWorker) and not self._publish_retry(exc):
+            return None
         task = self.task
         if _handles_losses(task) and not state.should_terminate:
             if isinstance(exc, TimeLimitExceeded):
@@ -225,6 +236,32 @@ class ResilientRequest(Request):  # type: ignore[misc]
         finally:
             task.request_stack.pop()
         self.acknowledge()
+
+    # -- retries -------------------------------------------------------------------------
+
+    def _publish_retry(self, retry: PublishedByTheWorker) -> bool:
+        """Publish the retry the pool child raised (with confirms); False when it could not be
+        published and the message was settled otherwise: requeued when the broker could not be
+        reached (with ``acks_late``), else failed for good (dead-lettered, reason
+        ``exception``, the publish error as the exception)."""
+        task = self.task
+        try:
+            signature = Signature.from_dict(dict(retry.sig), app=task.app)
+            with confirmed_producer(task.app) as producer:
+                signature.apply_async(producer=producer)
+        except Exception as error:
+            requeue = bool(task.acks_late) and TRANSIENT_ERRORS(error)
+            logger.exception("resilient_tasks: could not publish the retry of %s[%s]; %s",
+                             self.name, self.id, "the message is requeued" if requeue
+                             else "failing it for good")  # fmt: skip
+            task_ready(self)
+            self._resilient_settled = True
+            if requeue:
+                self.reject(requeue=True)
+            else:
+                self._fail_for_good(error, "exception")
+            return False
+        return True
 
     # -- hard time limits -------------------------------------------------------------------
 

@@ -10,6 +10,13 @@ Celery's task call and Celery's own ``Task.retry``.
   (:mod:`resilient_tasks.history`).
 * Nothing is stored on the task instance: what one call needs comes from ``self.request``, the
   message headers and local variables (the attempt's start time is a context variable).
+* In a worker whose ``Request`` is :class:`~resilient_tasks.request.ResilientRequest`, the
+  retry's message is published by the worker's **main process**, not the pool child: the child
+  hands Celery's retry signature back with the :class:`PublishedByTheWorker` it raises, and the
+  main process publishes it (with publisher confirms) before it acknowledges the message. A
+  pool child killed between publishing a retry and reporting it would otherwise leave two
+  copies of the task running: the retry it published, and the original, which comes back
+  because it was never acknowledged.
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from celery import Task
 from celery.exceptions import MaxRetriesExceededError, Reject, Retry
+from celery.utils.imports import symbol_by_name
 
 from . import _events, _reason
 from ._call import StepsMixin, attempt_started
@@ -46,7 +55,7 @@ from .policy import (
     unretried_reason,
 )
 
-__all__ = ["RetryMixin"]
+__all__ = ["PublishedByTheWorker", "RetryMixin"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +84,32 @@ _X_DEATH_HEADERS = frozenset(
 )
 # Marks a class whose max_retries this mixin derived from its retry_policy.
 _DERIVED = "_resilient_max_retries_from_policy"
+# Set while RetryMixin.retry holds Celery's retry publish back for the main process: the id of
+# the task whose publish is awaited, then a second item once it was held.
+_holding: ContextVar[list[str] | None] = ContextVar("resilient_tasks_holding", default=None)
+
+
+class PublishedByTheWorker(Retry):  # type: ignore[misc]
+    """Celery's ``Retry``, raised by :meth:`RetryMixin.retry` in a pool child when the worker's
+    main process publishes the retry (see :mod:`resilient_tasks.retry`).
+
+    It is Celery's exception in every other way (``isinstance(exc, Retry)`` holds, ``sig`` is
+    the retry's signature), but it keeps ``sig`` when it is pickled to the main process, which
+    Celery's own ``Retry`` leaves behind.
+
+    Example::
+
+        >>> import pickle
+        >>> from celery import Celery
+        >>> app = Celery(set_as_current=False)
+        >>> retry = PublishedByTheWorker(exc=ConnectionError("reset"), when=5,
+        ...                              sig=app.signature("sync", countdown=5))
+        >>> pickle.loads(pickle.dumps(retry)).sig["options"]
+        {'countdown': 5}
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.message, self.exc, self.when, False, self.sig)
 
 
 def _utcnow() -> datetime:
@@ -204,10 +239,36 @@ class RetryMixin(StepsMixin):
                 delay=attempt.delay,
                 exception=failure,
             )
+        # The main process publishes the retry when its Request can (a retry that does not
+        # throw goes on in the task: Celery's publish stays here).
+        hold = throw and not request.called_directly and not request.is_eager
+        token = _holding.set([request.id]) if hold and _published_by_the_worker(self) else None
         try:
             return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        except Retry as retry:
+            held = _holding.get()
+            if held is not None and len(held) > 1:  # Celery's publish was held back
+                retry.__class__ = PublishedByTheWorker
+                # What Celery's publish takes from the task it runs in, which the main
+                # process has not got.
+                sent = retry.sig.options
+                sent["parent_id"] = sent.get("parent_id") or request.id
+                sent["root_id"] = sent.get("root_id") or request.root_id or request.id
+            raise
         except Reject as reject:
             raise _requeue_if_broker_unreachable(reject) from reject.reason
+        finally:
+            if token is not None:
+                _holding.reset(token)
+
+    def apply_async(self, *args: Any, **options: Any) -> Any:
+        """Celery's ``apply_async``; within :meth:`retry`, Celery's publish of the retry is held
+        back for the worker's main process, which publishes it (see the module docstring)."""
+        held = _holding.get()
+        if held is not None and len(held) == 1 and options.get("task_id") == held[0]:
+            held.append("held")
+            return None
+        return super().apply_async(*args, **options)
 
     def _celery_reason(self, exc: BaseException) -> Reason:
         """Why a task without a policy stopped: Celery's autoretry ran out, or it just raised."""
@@ -242,6 +303,14 @@ class RetryMixin(StepsMixin):
             started=_started(now),
             now=now,
         )
+
+
+def _published_by_the_worker(task: Any) -> bool:
+    """Whether the worker's ``Request`` for ``task`` publishes the retries its child raises."""
+    request_class = task.Request
+    if isinstance(request_class, str):
+        request_class = symbol_by_name(request_class)
+    return bool(getattr(request_class, "publishes_retries", False))
 
 
 def _requeue_if_broker_unreachable(reject: Reject) -> Reject:

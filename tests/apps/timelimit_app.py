@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
+from pathlib import Path
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
-from apps.base import append, make_app, record
+from apps.base import append, make_app, read_log, record
 from resilient_tasks import FailureDetails, ResilientTask, RetryPolicy
 
 app = make_app(__name__)
@@ -63,6 +65,31 @@ def exit_(self: Task, log: str) -> None:
     """A poison message: it kills the pool child running it."""
     record(self, log)
     os._exit(1)
+
+
+class DiesAfterAskingForARetry(ResilientTask):
+    """The pool child is killed right after the task's first attempt asked for a retry, before
+    the worker's main process hears of it (the first time only)."""
+
+    def on_retry(self, details: FailureDetails) -> None:  # type: ignore[override]
+        log = details.args[-1]
+        if not any(a.get("role") == "killed" for a in read_log(Path(log))):
+            append(log, task=self.name, id=details.task_id, role="killed")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task(
+    base=DiesAfterAskingForARetry,
+    bind=True,
+    name="tl.retry_then_die",
+    retry_policy=RetryPolicy(retry_on=(ConnectionError,), max_attempts=3, backoff=0.05),
+)
+def retry_then_die(self: Task, log: str) -> str:
+    record(self, log)
+    if self.request.retries == 0:
+        raise ConnectionError("upstream reset")
+    append(log, task=self.name, id=self.request.id, role="done")
+    return "done"
 
 
 @app.task(base=ResilientTask, bind=True, name="tl.work")

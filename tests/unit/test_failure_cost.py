@@ -27,6 +27,7 @@ from celery.app.trace import build_tracer, reset_worker_optimizations, setup_wor
 from celery.exceptions import Retry
 
 from resilient_tasks import Permanent, ResilientTask, RetryPolicy
+from resilient_tasks.retry import PublishedByTheWorker
 
 #: The most the library's frames may add to the traceback objects the child builds, in pickled
 #: bytes (its frame added 5 KB before it was cut down).
@@ -107,10 +108,17 @@ def test_a_retry_reaches_the_main_process_without_its_frames(app: Celery) -> Non
 
     _, resilient = _tasks(app, flaky)
     einfo = _traced(app, resilient)
-    assert einfo.type is Retry
+    assert issubclass(einfo.type, Retry)
     sent = _sent(einfo)
     assert len(sent) <= MOST_SENT_BYTES, len(sent)
-    assert "peer 1 reset" in pickle.loads(sent).traceback
+    received = pickle.loads(sent)
+    assert "peer 1 reset" in received.traceback
+    # The retry's message goes along, for the main process to publish.
+    retry = received.exception
+    assert isinstance(retry, PublishedByTheWorker)
+    assert (retry.sig["task"], retry.sig["args"], retry.sig["options"]["retries"]) == (
+        resilient.name, (1,), 1,
+    )  # fmt: skip
 
 
 def test_the_childs_error_log_line_keeps_the_whole_traceback(

@@ -10,11 +10,15 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
+import billiard
 import pytest
-from celery import chain, group
+from celery import Celery, chain, group
 from celery.result import AsyncResult
+from kombu import Queue
 
+from resilient_tasks.deadletter import confirmed_producer
 from resilient_tasks.envelope import REDACTED, SCHEMA, original_body
+from support.brokers import Broker
 from support.proxy import CuttableProxy
 from support.worker import Worker, WorkerRunner
 
@@ -335,3 +339,35 @@ def test_an_unreadable_message_whose_body_decoded_still_fails_its_workflow(
     assert envelope["exception"]["type"] == "celery.exceptions.InvalidTaskError"
     assert [a["failed_id"] for a in worker.attempts() if a["task"] == "dl.errback"] == [task_id]
     assert not any(a.get("id") == task_id for a in worker.attempts())
+
+
+def test_a_pool_child_the_worker_forks_leaves_the_main_processs_connection_alone(
+    broker: Broker,
+) -> None:
+    """The worker forks a pool child whenever one dies (or is recycled). Kombu's own pools
+    close the connections a child inherits, and on RabbitMQ that shuts the parent's socket
+    down: its next dead-letter publish would fail, or, retried, land twice. The library's
+    publishing connection survives the fork: the next publish needs no reconnect."""
+    queue = Queue(broker.queue_name("forked"), durable=True)
+    app = Celery("forking", set_as_current=False)
+    app.conf.update(broker_url=broker.url, broker_transport_options=broker.transport_options,
+                    broker_transport=broker.transport)  # fmt: skip
+    try:
+        with confirmed_producer(app) as producer:
+            producer.publish({"n": 1}, routing_key=queue.name, declare=[queue])
+            before = producer.connection.connection
+        child = billiard.Process(target=time.sleep, args=(0.05,))
+        child.start()
+        child.join()
+        assert child.exitcode == 0
+        with confirmed_producer(app) as producer:
+            assert producer.connection.connection is before, "the parent had to reconnect"
+            producer.publish({"n": 2}, routing_key=queue.name, declare=[queue], retry=False)
+        with app.connection_for_read() as conn:
+            bound = queue.bind(conn.default_channel)
+            got = []
+            while (message := bound.get(no_ack=True)) is not None:
+                got.append(message.decode()["n"])
+        assert got == [1, 2]
+    finally:
+        broker.cleanup([queue.name])

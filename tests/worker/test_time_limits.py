@@ -81,6 +81,24 @@ def test_hard_limit_is_retried_once_per_attempt_when_the_policy_says_so(
     assert worker.drain(f"{worker.queue}.dlq") == []
 
 
+def test_a_pool_child_killed_after_asking_for_a_retry_leaves_one_copy_of_the_task(
+    workers: WorkerRunner,
+) -> None:
+    """Celery publishes a retry from the pool child; killed before the main process heard of
+    it, the child would leave two copies running: its retry, and the unacknowledged original
+    that came back. The main process publishes the retry: the task comes back once (a lost
+    worker) and succeeds once."""
+    worker = workers.start(APP)
+    result = worker.send("tl.retry_then_die")
+
+    assert result.get(timeout=30) == "done"
+    time.sleep(1.0)  # a second copy, if any, would run now
+
+    attempts = [a for a in worker.attempts() if a.get("id") == result.id]
+    assert [a.get("role") or a["retries"] for a in attempts] == [0, "killed", 0, 1, "done"]
+    assert worker.drain(f"{worker.queue}.dlq") == []
+
+
 def test_worker_lost_message_is_dead_lettered_after_max_redeliveries_while_others_run(
     workers: WorkerRunner,
 ) -> None:

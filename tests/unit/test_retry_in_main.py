@@ -1,0 +1,185 @@
+"""A library task's retry is published by the worker's main process, before it acknowledges.
+
+The retry is decided in the pool child, but its message is published where the original is
+acknowledged: a child killed between the two can then leave only one copy of the task. These
+tests run the task through Celery's tracer as a pool child does, pickle what comes back, and
+hand it to a ResilientRequest in place of the main process (see test_reason_recovery).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from billiard.einfo import ExceptionInfo
+from celery import Celery, Signature, Task
+from celery.app.trace import build_tracer
+from celery.exceptions import Retry, WorkerLostError
+from kombu.exceptions import EncodeError, OperationalError
+from test_reason_recovery import TRANSIENT, _message, headers_for, in_the_child, raising
+
+from resilient_tasks import ResilientTask, RetryMixin
+from resilient_tasks import request as request_module
+from resilient_tasks.policy import Reason
+from resilient_tasks.request import ResilientRequest
+from resilient_tasks.retry import PublishedByTheWorker
+
+
+@pytest.fixture
+def app() -> Iterator[Celery]:
+    app = Celery("main-retry", set_as_current=False)
+    app.finalize()
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def sent(app: Celery, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every publish of a task message, wherever it is made."""
+    published: list[dict[str, Any]] = []
+
+    def send_task(name: str, args: Any = None, kwargs: Any = None, **options: Any) -> None:
+        published.append({"name": name, "args": args, **options})
+
+    monkeypatch.setattr(app, "send_task", send_task)
+    return published
+
+
+@pytest.fixture
+def settled(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """What the main process did with the message, in order; publishes go through a stand-in
+    for the confirmed producer."""
+    steps: list[Any] = []
+
+    @contextmanager
+    def producer(app: Celery) -> Iterator[str]:
+        steps.append("producer")
+        yield "confirmed"
+
+    def dead_letter(self: ResilientRequest, exc: Any, exc_info: Any, reason: Reason) -> bool:
+        steps.append(("dead_letter", type(exc).__name__, reason))
+        return True
+
+    monkeypatch.setattr(request_module, "confirmed_producer", producer)
+    monkeypatch.setattr(ResilientRequest, "_dead_letter", dead_letter)
+    monkeypatch.setattr(ResilientRequest, "acknowledge", lambda self: steps.append("ack"))
+    monkeypatch.setattr(ResilientRequest, "reject", lambda self, requeue: steps.append(
+        ("reject", requeue)))  # fmt: skip
+    return steps
+
+
+def retrying(app: Celery, **options: Any) -> tuple[Any, dict[str, Any], ExceptionInfo]:
+    task = raising(app, ConnectionError("upstream reset"), retry_policy=TRANSIENT, **options)
+    headers = headers_for(task, retries=0)
+    return task, headers, in_the_child(task, headers)
+
+
+def test_the_child_publishes_nothing_and_hands_the_retry_to_the_main_process(
+    app: Celery, sent: list[dict[str, Any]]
+) -> None:
+    task, headers, einfo = retrying(app)
+
+    assert sent == []
+    retry = einfo.exception
+    assert isinstance(retry, PublishedByTheWorker)
+    assert isinstance(retry, Retry)
+    options = retry.sig["options"]
+    assert (retry.sig["task"], options["task_id"], options["retries"]) == (
+        task.name, headers["id"], 1,
+    )  # fmt: skip
+    # What Celery's publish would have taken from the task it ran in.
+    assert (options["parent_id"], options["root_id"]) == (headers["id"], headers["id"])
+
+
+def test_the_main_process_publishes_the_retry_with_confirms_then_acknowledges(
+    app: Celery, sent: list[dict[str, Any]], settled: list[Any]
+) -> None:
+    task, headers, einfo = retrying(app)
+    request = ResilientRequest(_message(headers), app=app, task=task, hostname="w1@host")
+
+    def publish(signature: Signature, producer: Any = None, **_: Any) -> None:
+        settled.append(("publish", signature["options"]["retries"], producer))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Signature, "apply_async", publish)
+        request.on_failure(einfo)
+
+    assert settled == ["producer", ("publish", 1, "confirmed"), "ack"]
+
+
+@pytest.mark.parametrize(
+    ("error", "acks_late", "outcome"),
+    [
+        (OperationalError("[Errno 111] Connection refused"), True, ("reject", True)),
+        (EncodeError("cannot serialize"), True, ("dead_letter", "EncodeError", "exception")),
+        (OperationalError("[Errno 111] Connection refused"), False,
+         ("dead_letter", "OperationalError", "exception")),
+    ],
+    ids=["broker-unreachable", "not-a-broker-error", "broker-unreachable-acks-early"],
+)  # fmt: skip
+def test_a_retry_the_main_process_cannot_publish_is_requeued_or_dead_lettered(
+    app: Celery, settled: list[Any], error: Exception, acks_late: bool, outcome: Any
+) -> None:
+    task, headers, einfo = retrying(app, acks_late=acks_late)
+    request = ResilientRequest(_message(headers), app=app, task=task, hostname="w1@host")
+
+    def unpublishable(*_: Any, **__: Any) -> None:
+        raise error
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Signature, "apply_async", unpublishable)
+        request.on_failure(einfo)
+
+    assert outcome in settled
+    assert ("ack" in settled) is (outcome[0] == "dead_letter")  # requeued: not acknowledged
+
+
+def test_a_retry_read_after_its_lost_worker_was_settled_is_not_published(
+    app: Celery, settled: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Billiard can report the job lost before it reads the result the child had written.
+    task, headers, einfo = retrying(app)
+    republished: list[Any] = []
+    monkeypatch.setattr(ResilientRequest, "_republish", lambda self, h, **_: republished.append(
+        h) or True)  # fmt: skip
+    request = ResilientRequest(_message(headers), app=app, task=task, hostname="w1@host")
+
+    request.on_failure(request_module._exception_info(WorkerLostError("exited: SIGKILL")))
+    request.on_failure(einfo)
+
+    assert len(republished) == 1  # the lost worker's redelivery, and no retry besides
+    assert "producer" not in settled
+
+
+def test_a_retry_that_does_not_throw_is_published_by_the_child(
+    app: Celery, sent: list[dict[str, Any]]
+) -> None:
+    @app.task(base=ResilientTask, bind=True, name="main-retry.no_throw", shared=False)
+    def no_throw(self: Task) -> str:
+        self.retry(countdown=5, throw=False)  # goes on: the publish cannot wait for the end
+        return "went on"
+
+    assert _trace(no_throw) == "went on"
+    assert [s["name"] for s in sent] == [no_throw.name]
+
+
+def test_a_task_on_celerys_own_request_publishes_its_retry_in_the_child(
+    app: Celery, sent: list[dict[str, Any]]
+) -> None:
+    base = type("Retrying", (RetryMixin, Task), {"retry_policy": TRANSIENT})
+    task = raising(app, ConnectionError("upstream reset"), base=base)
+
+    einfo = in_the_child(task, headers_for(task, retries=0))
+
+    assert type(einfo.exception) is Retry
+    assert [s["name"] for s in sent] == [task.name]
+
+
+def _trace(task: Any) -> Any:
+    """What the tracer returns for one run of ``task`` (its return value, here)."""
+    headers = headers_for(task, retries=0)
+    request = {**headers, "delivery_info": {"routing_key": "celery"}, "hostname": "w1@host"}
+    tracer = build_tracer(task.name, task, app=task.app, eager=False, propagate=False)
+    return tracer(headers["id"], [], {}, request)[0]

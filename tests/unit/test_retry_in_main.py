@@ -19,20 +19,13 @@ from celery.app.trace import build_tracer
 from celery.exceptions import Retry, WorkerLostError
 from kombu.exceptions import EncodeError, OperationalError
 from test_reason_recovery import TRANSIENT, _message, headers_for, in_the_child, raising
+from test_reason_recovery import app as app  # the fixture: a throwaway app, finalized
 
 from resilient_tasks import ResilientTask, RetryMixin
 from resilient_tasks import request as request_module
 from resilient_tasks.policy import Reason
 from resilient_tasks.request import ResilientRequest
 from resilient_tasks.retry import PublishedByTheWorker
-
-
-@pytest.fixture
-def app() -> Iterator[Celery]:
-    app = Celery("main-retry", set_as_current=False)
-    app.finalize()
-    yield app
-    app.close()
 
 
 @pytest.fixture

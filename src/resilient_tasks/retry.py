@@ -21,10 +21,12 @@ Celery's task call and Celery's own ``Task.retry``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import sys
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -84,9 +86,18 @@ _X_DEATH_HEADERS = frozenset(
 )
 # Marks a class whose max_retries this mixin derived from its retry_policy.
 _DERIVED = "_resilient_max_retries_from_policy"
-# Set while RetryMixin.retry holds Celery's retry publish back for the main process: the id of
-# the task whose publish is awaited, then a second item once it was held.
-_holding: ContextVar[list[str] | None] = ContextVar("resilient_tasks_holding", default=None)
+
+
+@dataclass
+class _Hold:
+    """Set while :meth:`RetryMixin.retry` holds Celery's publish of a retry back for the main
+    process: the task whose publish is awaited, and whether it was held."""
+
+    task_id: str
+    held: bool = False
+
+
+_holding: ContextVar[_Hold | None] = ContextVar("resilient_tasks_holding", default=None)
 
 
 class PublishedByTheWorker(Retry):  # type: ignore[misc]
@@ -242,12 +253,12 @@ class RetryMixin(StepsMixin):
         # The main process publishes the retry when its Request can (a retry that does not
         # throw goes on in the task: Celery's publish stays here).
         hold = throw and not request.called_directly and not request.is_eager
-        token = _holding.set([request.id]) if hold and _published_by_the_worker(self) else None
+        holding = _Hold(request.id) if hold and _publishes_retries(self.Request) else None
+        token = _holding.set(holding) if holding is not None else None
         try:
             return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
         except Retry as retry:
-            held = _holding.get()
-            if held is not None and len(held) > 1:  # Celery's publish was held back
+            if holding is not None and holding.held:  # Celery's publish was held back
                 retry.__class__ = PublishedByTheWorker
                 # What Celery's publish takes from the task it runs in, which the main
                 # process has not got.
@@ -264,9 +275,9 @@ class RetryMixin(StepsMixin):
     def apply_async(self, *args: Any, **options: Any) -> Any:
         """Celery's ``apply_async``; within :meth:`retry`, Celery's publish of the retry is held
         back for the worker's main process, which publishes it (see the module docstring)."""
-        held = _holding.get()
-        if held is not None and len(held) == 1 and options.get("task_id") == held[0]:
-            held.append("held")
+        holding = _holding.get()
+        if holding is not None and not holding.held and options.get("task_id") == holding.task_id:
+            holding.held = True
             return None
         return super().apply_async(*args, **options)
 
@@ -305,9 +316,10 @@ class RetryMixin(StepsMixin):
         )
 
 
-def _published_by_the_worker(task: Any) -> bool:
-    """Whether the worker's ``Request`` for ``task`` publishes the retries its child raises."""
-    request_class = task.Request
+@functools.cache
+def _publishes_retries(request_class: Any) -> bool:
+    """Whether the worker ``Request`` class (or its ``module:Name``) publishes the retries its
+    pool child raises. Resolved once per class."""
     if isinstance(request_class, str):
         request_class = symbol_by_name(request_class)
     return bool(getattr(request_class, "publishes_retries", False))

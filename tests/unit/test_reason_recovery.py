@@ -95,13 +95,18 @@ def headers_for(task: Any, retries: int, history: History | None = None) -> dict
     return headers
 
 
-def in_the_child(task: Any, headers: dict[str, Any]) -> ExceptionInfo:
-    """Run ``task`` as a pool child does and return its failure as the main process gets it."""
+def traced(task: Any, headers: dict[str, Any]) -> Any:
+    """Run ``task`` as a pool child does: what its tracer returns (the value, or the failure's
+    ``ExceptionInfo``)."""
     request = {**headers, "delivery_info": {"routing_key": "celery"}, "hostname": "w1@host"}
     tracer = build_tracer(task.name, task, app=task.app, eager=False, propagate=False)
-    outcome = tracer(headers["id"], [], {}, request)
-    einfo = outcome[0]
-    assert isinstance(einfo, ExceptionInfo), outcome
+    return tracer(headers["id"], [], {}, request)[0]
+
+
+def in_the_child(task: Any, headers: dict[str, Any]) -> ExceptionInfo:
+    """Run ``task`` as a pool child does and return its failure as the main process gets it."""
+    einfo = traced(task, headers)
+    assert isinstance(einfo, ExceptionInfo), einfo
     restored: ExceptionInfo = pickle.loads(pickle.dumps(einfo))  # across the pool's pipe
     return restored
 

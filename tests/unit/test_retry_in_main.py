@@ -15,10 +15,16 @@ from typing import Any
 import pytest
 from billiard.einfo import ExceptionInfo
 from celery import Celery, Signature, Task
-from celery.app.trace import build_tracer
 from celery.exceptions import Retry, WorkerLostError
 from kombu.exceptions import EncodeError, OperationalError
-from test_reason_recovery import TRANSIENT, _message, headers_for, in_the_child, raising
+from test_reason_recovery import (
+    TRANSIENT,
+    _message,
+    headers_for,
+    in_the_child,
+    raising,
+    traced,
+)
 from test_reason_recovery import app as app  # the fixture: a throwaway app, finalized
 
 from resilient_tasks import ResilientTask, RetryMixin
@@ -154,7 +160,7 @@ def test_a_retry_that_does_not_throw_is_published_by_the_child(
         self.retry(countdown=5, throw=False)  # goes on: the publish cannot wait for the end
         return "went on"
 
-    assert _trace(no_throw) == "went on"
+    assert traced(no_throw, headers_for(no_throw, retries=0)) == "went on"
     assert [s["name"] for s in sent] == [no_throw.name]
 
 
@@ -168,11 +174,3 @@ def test_a_task_on_celerys_own_request_publishes_its_retry_in_the_child(
 
     assert type(einfo.exception) is Retry
     assert [s["name"] for s in sent] == [task.name]
-
-
-def _trace(task: Any) -> Any:
-    """What the tracer returns for one run of ``task`` (its return value, here)."""
-    headers = headers_for(task, retries=0)
-    request = {**headers, "delivery_info": {"routing_key": "celery"}, "hostname": "w1@host"}
-    tracer = build_tracer(task.name, task, app=task.app, eager=False, propagate=False)
-    return tracer(headers["id"], [], {}, request)[0]

@@ -34,7 +34,7 @@ from celery.utils.log import get_task_logger
 from embedded_worker import report_ready_in, start_worker, stop_worker, wait_for_dead_letters
 from kombu.utils.url import maybe_sanitize_url
 
-from resilient_tasks import Permanent, ResilientTask
+from resilient_tasks import Permanent, ResilientTask, filesystem
 from resilient_tasks.dlq import DeadLetters
 
 # The worker subprocess imports this module too; the parent passes the folder and queue on.
@@ -59,14 +59,9 @@ app.conf.update(
     worker_task_log_format="    worker | %(task_name)s: %(message)s",
 )
 (FOLDER / "results").mkdir(parents=True, exist_ok=True)
-if BROKER.startswith("filesystem"):
-    (FOLDER / "broker").mkdir(parents=True, exist_ok=True)
-    app.conf.broker_transport_options = {
-        "data_folder_in": str(FOLDER / "broker"),
-        "data_folder_out": str(FOLDER / "broker"),
-        "control_folder": str(FOLDER / "broker"),
-        "polling_interval": 0.1,
-    }
+if BROKER.startswith("filesystem"):  # Kombu's filesystem transport, with atomic writes
+    app.conf.broker_transport = filesystem.TRANSPORT
+    app.conf.broker_transport_options = filesystem.transport_options(FOLDER / "broker")
 log = get_task_logger(__name__)
 
 

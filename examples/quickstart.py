@@ -31,7 +31,7 @@ from celery.utils.log import get_task_logger
 from embedded_worker import report_ready_in, start_worker, stop_worker
 from tenacity import wait_exponential
 
-from resilient_tasks import ResilientTask, RetryAfter, RetryPolicy
+from resilient_tasks import ResilientTask, RetryAfter, RetryPolicy, filesystem
 from resilient_tasks.dlq import DeadLetters
 from resilient_tasks.history import History
 
@@ -52,14 +52,9 @@ app.conf.update(
     worker_task_log_format="    worker | %(task_name)s: %(message)s",
 )
 (FOLDER / "results").mkdir(parents=True, exist_ok=True)
-if BROKER.startswith("filesystem"):
-    (FOLDER / "broker").mkdir(parents=True, exist_ok=True)
-    app.conf.broker_transport_options = {
-        "data_folder_in": str(FOLDER / "broker"),
-        "data_folder_out": str(FOLDER / "broker"),
-        "control_folder": str(FOLDER / "broker"),
-        "polling_interval": 0.1,
-    }
+if BROKER.startswith("filesystem"):  # Kombu's filesystem transport, with atomic writes
+    app.conf.broker_transport = filesystem.TRANSPORT
+    app.conf.broker_transport_options = filesystem.transport_options(FOLDER / "broker")
 log = get_task_logger(__name__)
 
 #: Retry connection errors up to 5 attempts in all, waiting 0.5 s, 1 s, 2 s, ... in between.

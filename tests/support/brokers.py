@@ -1,6 +1,7 @@
 """The brokers the worker tests run on, and how each cleans up after a test.
 
-* ``filesystem``: Kombu's filesystem transport in the test's temporary folder. No server.
+* ``filesystem``: Kombu's filesystem transport with the library's atomic writes
+  (:mod:`resilient_tasks.filesystem`) in the test's temporary folder. No server.
 * ``rabbitmq``: ``amqp://guest:guest@127.0.0.1:5672//`` (``RT_TEST_RABBITMQ_URL`` overrides).
 * ``redis``: ``redis://127.0.0.1:6379/0`` (``RT_TEST_REDIS_URL`` overrides).
 
@@ -18,6 +19,8 @@ from typing import Any
 
 import pytest
 from kombu import Connection
+
+from resilient_tasks.filesystem import TRANSPORT, transport_options
 
 RABBITMQ_URL = os.environ.get("RT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS_URL = os.environ.get("RT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -75,18 +78,11 @@ def _reachable(url: str) -> str | None:
 def make_broker(kind: str, tmp_path: Path) -> Broker:
     """The broker ``kind`` for one test; skips (or fails under CI=true) when it is down."""
     if kind == "filesystem":
-        folder = tmp_path / "broker"
-        folder.mkdir()
         return Broker(
             kind,
             "filesystem://localhost/",
-            {
-                "data_folder_in": str(folder),
-                "data_folder_out": str(folder),
-                "control_folder": str(folder / "control"),
-                "polling_interval": 0.05,
-            },
-            transport="support.atomic_filesystem:Transport",
+            transport_options(tmp_path / "broker", polling_interval=0.05),
+            transport=TRANSPORT,
         )
     url = RABBITMQ_URL if kind == "rabbitmq" else REDIS_URL
     problem = _reachable(url)

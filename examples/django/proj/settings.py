@@ -1,13 +1,16 @@
 """Settings of the example project: Django's minimum, and Celery's settings as ``CELERY_*``.
 
 In your project the broker is your RabbitMQ or Redis (``CELERY_BROKER_URL``). Without one, this
-example uses Kombu's filesystem transport in the folder ``run.py`` passes in ``EXAMPLE_DIR``, so
+example uses Kombu's filesystem transport (with the atomic writes of
+:mod:`resilient_tasks.filesystem`) in the folder ``run.py`` passes in ``EXAMPLE_DIR``, so
 it runs without a server.
 """
 
 import os
 import tempfile
 from pathlib import Path
+
+from resilient_tasks import filesystem
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 SECRET_KEY = "example-only-not-secret"
@@ -26,14 +29,9 @@ EXAMPLE_DIR = Path(
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "filesystem://localhost/")
 CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", f"file://{EXAMPLE_DIR / 'results'}")
 CELERY_TASK_DEFAULT_QUEUE = os.environ.get("EXAMPLE_QUEUE", "billing")
-if CELERY_BROKER_URL.startswith("filesystem"):
-    CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "data_folder_in": str(EXAMPLE_DIR / "broker"),
-        "data_folder_out": str(EXAMPLE_DIR / "broker"),
-        "control_folder": str(EXAMPLE_DIR / "broker"),
-        "polling_interval": 0.1,
-    }
-    (EXAMPLE_DIR / "broker").mkdir(parents=True, exist_ok=True)
+if CELERY_BROKER_URL.startswith("filesystem"):  # Kombu's filesystem transport, atomic writes
+    CELERY_BROKER_TRANSPORT = filesystem.TRANSPORT
+    CELERY_BROKER_TRANSPORT_OPTIONS = filesystem.transport_options(EXAMPLE_DIR / "broker")
 if CELERY_RESULT_BACKEND.startswith("file://"):
     (EXAMPLE_DIR / "results").mkdir(parents=True, exist_ok=True)
 

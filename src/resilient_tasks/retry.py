@@ -225,7 +225,10 @@ class RetryMixin(StepsMixin):
     ) -> Retry:
         """Celery's ``Task.retry``, recording this attempt in the message's history header."""
         request = self.request
-        if not request.called_directly:
+        limit = self.max_retries if max_retries is None else max_retries
+        # Celery raises instead of retrying past max_retries: no retry, so no history or event.
+        refused = limit is not None and request.retries + 1 > limit
+        if not request.called_directly and not refused:
             countdown = _whole_seconds_if_delayed_natively(self.app, countdown)
             now = _utcnow()
             failure = exc if exc is not None else sys.exc_info()[1]

@@ -12,6 +12,7 @@ from kombu.exceptions import EncodeError, OperationalError
 
 from resilient_tasks import ResilientTask
 from resilient_tasks.history import HEADER, Attempt, History
+from resilient_tasks.testing import capture_events
 
 
 @pytest.fixture
@@ -126,3 +127,26 @@ def test_a_retry_that_cannot_be_published_requeues_only_when_the_broker_is_unrea
 
     assert raised.value.requeue is requeue
     assert raised.value.reason is publish_error
+
+
+@pytest.mark.parametrize(
+    ("max_retries", "called_with"),
+    [(1, {}), (5, {"max_retries": 1})],
+    ids=["task-option", "retry-argument"],
+)
+def test_a_retry_celery_refuses_past_max_retries_is_not_reported_as_scheduled(
+    max_retries: int, called_with: dict[str, Any]
+) -> None:
+    app = Celery("refused", set_as_current=False)
+
+    @app.task(base=ResilientTask, bind=True, max_retries=max_retries, shared=False)
+    def always_retries(self: Task) -> None:
+        raise self.retry(exc=ValueError("again"), countdown=0, **called_with)
+
+    with capture_events() as events:
+        result = always_retries.apply()
+
+    assert result.state == "FAILURE"
+    assert events.names() == [
+        "task_started", "task_retry_scheduled", "task_started", "task_failed",
+    ]  # fmt: skip

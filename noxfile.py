@@ -78,6 +78,18 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "benchmarks", *session.posargs)
 
 
+@nox.session(python=["3.10", "3.11", "3.12", "3.13"])
+def floor(session: nox.Session) -> None:
+    """What Celery's own tracer spends on a failure against a success, per Python: ``nox -s floor``.
+
+    The floor under the failure-path figures of ``nox -s bench`` (docs/benchmarks.md). nox looks
+    for ``python3.10`` ... ``python3.13`` on the PATH; with pyenv, name them, e.g.
+    ``PYENV_VERSION=3.11.7:3.10.13:3.12.1:3.13.0 nox -s floor``.
+    """
+    session.install("-e", ".")
+    session.run("python", "-m", "benchmarks.floor", *session.posargs)
+
+
 @nox.session(python=PYTHON)
 def chaos(session: nox.Session) -> None:
     """The reliability suite at full size, broker restarts included: ``nox -s chaos``.

@@ -15,6 +15,10 @@ of its bases, and the steps always run in the same order:
    its reason;
 5. ``_rt_retried`` or ``_rt_gave_up`` (:class:`~resilient_tasks.FailureHooksMixin`): the hooks.
 
+``_rt_retries_not_raised`` (:class:`~resilient_tasks.RetryMixin`) runs only when the call
+handed a retry to the worker's main process and that retry is not what leaves the body (the
+body caught it): the retry is then published where Celery would have published it.
+
 Under the worker's tracer the body is called as Celery calls a task without a ``__call__`` of its
 own: ``self.run`` with the request the tracer pushed. ``Task.__call__`` (which pushes a second
 copy of the request) runs only when the task is called as a function, or when a base class
@@ -35,6 +39,9 @@ if TYPE_CHECKING:
 else:
     _TaskBase = object
 
+#: Where a retry handed to the worker's main process (see :mod:`resilient_tasks.retry`) waits,
+#: in the running request, until the call ends.
+HANDED_OVER = "resilient_handed_over"
 #: When the running attempt started (``time.time()``), for the history and the deadline.
 attempt_started: ContextVar[float | None] = ContextVar(
     "resilient_tasks_attempt_started", default=None
@@ -73,12 +80,15 @@ class StepsMixin(_TaskBase):  # type: ignore[misc]
         body = self.run if self._rt_run_directly else super().__call__
         started = self._rt_before(request)
         try:
-            return body(*args, **kwargs)
+            outcome = body(*args, **kwargs)
         except Exception as exc:
             self._rt_raised(exc)
             raise
         finally:
             self._rt_after(started)
+        if HANDED_OVER in request.__dict__:  # the body caught the retry it asked for
+            self._rt_retries_not_raised(request, None)
+        return outcome
 
     def _rt_before(self, request: Any) -> tuple[Token[float | None], Any]:
         return attempt_started.set(time.time()), self._rt_bind(request)
@@ -92,6 +102,9 @@ class StepsMixin(_TaskBase):  # type: ignore[misc]
     def _rt_raised(self, exc: Exception) -> None:
         """Run the steps for an exception out of the body; return to let it propagate as it is,
         or raise the ``Retry`` the policy scheduled."""
+        request = self.request
+        if HANDED_OVER in request.__dict__:
+            self._rt_retries_not_raised(request, exc)
         if isinstance(exc, Retry):  # the body called self.retry() itself
             if isinstance(exc.exc, SoftTimeLimitExceeded):
                 self._rt_soft_time_limit(exc.exc)
@@ -116,6 +129,10 @@ class StepsMixin(_TaskBase):  # type: ignore[misc]
 
     def _rt_unbind(self, binding: Any) -> None:
         """Undo :meth:`_rt_bind`."""
+
+    def _rt_retries_not_raised(self, request: Any, exc: Exception | None) -> None:
+        """The call ends with ``exc`` (``None``: it returned) after it handed retries over in
+        ``request`` (under :data:`HANDED_OVER`): settle those that are not ``exc``."""
 
     def _rt_soft_time_limit(self, exc: SoftTimeLimitExceeded) -> None:
         """The soft time limit struck during the body."""

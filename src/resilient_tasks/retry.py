@@ -35,7 +35,7 @@ from celery.exceptions import MaxRetriesExceededError, Reject, Retry
 from celery.utils.imports import symbol_by_name
 
 from . import _events, _reason
-from ._call import StepsMixin, attempt_started
+from ._call import HANDED_OVER, StepsMixin, attempt_started
 from .classify import TRANSIENT_ERRORS
 from .exceptions import Permanent
 from .history import HEADER, Attempt, History
@@ -268,6 +268,8 @@ class RetryMixin(StepsMixin):
                 sent = retry.sig.options
                 sent["parent_id"] = sent.get("parent_id") or request.id
                 sent["root_id"] = sent.get("root_id") or request.root_id or request.id
+                # Until the call ends: a body that catches it must not lose the retry.
+                request.__dict__.setdefault(HANDED_OVER, []).append(retry)
             raise
         except Reject as reject:
             raise _requeue_if_broker_unreachable(reject) from reject.reason
@@ -281,8 +283,25 @@ class RetryMixin(StepsMixin):
         holding = _holding.get()
         if holding is not None and not holding.held and options.get("task_id") == holding.task_id:
             holding.held = True
-            return None
+            # What Celery's publish returns: code around it (an apply_async override) reads it.
+            return self.AsyncResult(holding.task_id)
         return super().apply_async(*args, **options)
+
+    def _rt_retries_not_raised(self, request: Any, exc: Exception | None) -> None:
+        """Publish here, as Celery publishes in ``Task.retry``, each retry handed to the main
+        process that the call does not raise (the body caught it, or raised something else):
+        the main process only publishes the retry that reaches it."""
+        for retry in request.__dict__.pop(HANDED_OVER):
+            if retry is exc:
+                continue
+            logger.info("resilient_tasks: %s[%s] did not raise the Retry of its self.retry(); "
+                        "the pool child publishes the retry", self.name, request.id)  # fmt: skip
+            try:
+                retry.sig.apply_async()
+            except Exception as error:
+                if TRANSIENT_ERRORS(error):
+                    raise _requeue_if_broker_unreachable(Reject(error, requeue=False)) from error
+                raise
 
     def _celery_reason(self, exc: BaseException) -> Reason:
         """Why a task without a policy stopped: Celery's autoretry ran out, or it just raised."""

@@ -174,3 +174,55 @@ def test_a_task_on_celerys_own_request_publishes_its_retry_in_the_child(
 
     assert type(einfo.exception) is Retry
     assert [s["name"] for s in sent] == [task.name]
+
+
+def test_an_apply_async_override_reads_a_result_while_the_retry_is_held(
+    app: Celery, sent: list[dict[str, Any]]
+) -> None:
+    queued: list[str] = []
+
+    class Logged(ResilientTask):  # type: ignore[misc]
+        def apply_async(self, *args: Any, **options: Any) -> Any:
+            result = super().apply_async(*args, **options)
+            queued.append(result.id)  # as a project's base task logs what it queued
+            return result
+
+    task = raising(app, ConnectionError("upstream reset"), base=Logged, retry_policy=TRANSIENT)
+    headers = headers_for(task, retries=0)
+
+    einfo = in_the_child(task, headers)
+
+    assert isinstance(einfo.exception, PublishedByTheWorker)  # handed over, not rejected
+    assert queued == [headers["id"]]
+    assert sent == []
+
+
+def test_a_retry_the_task_catches_is_published_by_the_child(
+    app: Celery, sent: list[dict[str, Any]]
+) -> None:
+    @app.task(base=ResilientTask, bind=True, name="main-retry.caught", shared=False)
+    def caught(self: Task) -> str:
+        try:
+            self.retry(countdown=30)
+        except Exception:  # Celery has published the retry by now, and so does the library
+            return "logged and went on"
+        return "not reached"
+
+    assert traced(caught, headers_for(caught, retries=0)) == "logged and went on"
+    assert [(s["name"], s["retries"]) for s in sent] == [(caught.name, 1)]
+
+
+def test_a_retry_replaced_by_another_exception_is_published_and_the_other_is_the_outcome(
+    app: Celery, sent: list[dict[str, Any]]
+) -> None:
+    @app.task(base=ResilientTask, bind=True, name="main-retry.replaced", shared=False)
+    def replaced(self: Task) -> None:
+        try:
+            self.retry(countdown=30)
+        except Retry as retry:
+            raise LookupError("record 7 is gone") from retry
+
+    einfo = in_the_child(replaced, headers_for(replaced, retries=0))
+
+    assert type(einfo.exception) is LookupError
+    assert [(s["name"], s["retries"]) for s in sent] == [(replaced.name, 1)]

@@ -64,6 +64,17 @@ def test_retry_after_sets_the_delay_of_that_attempt(workers: WorkerRunner) -> No
     assert '"delay":1.5' in recorded
 
 
+def test_a_retry_the_task_catches_still_runs(workers: WorkerRunner) -> None:
+    worker = workers.start(APP)
+
+    outcome(worker.send("retry.caught"))  # the first attempt, which carried on
+    deadline = time.monotonic() + 15
+    while len(attempts_of(worker, "retry.caught")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert [a["retries"] for a in attempts_of(worker, "retry.caught")] == [0, 1]
+
+
 def test_max_attempts_stops_retrying(workers: WorkerRunner) -> None:
     worker = workers.start(APP)
     result = worker.send("retry.hopeless")

@@ -8,7 +8,10 @@ that fails, Celery lets the message go:
   was renamed by a deploy) is acknowledged and logged at CRITICAL (``Consumer.on_decode_error``);
 * a body in a content type the worker does not accept (``ContentDisallowed``) or a message with
   an ``eta`` or ``expires`` that is not a date (``InvalidTaskError``) is rejected without
-  requeue (``Consumer.on_invalid_task``): gone, unless the broker dead-letters it.
+  requeue (``Consumer.on_invalid_task``): gone, unless the broker dead-letters it;
+* a content type the worker accepts but has no serializer for (``SerializerNotInstalled``:
+  ``msgpack`` or ``yaml`` accepted, not installed) stops the worker, and the message comes back
+  to stop the next one;
 * a body that decodes but is not ``[args, kwargs, embed]`` is not checked at all: Celery raises
   while it builds the request, which stops the worker, or fails later and leaves the message
   unsettled (:func:`check_body`).
@@ -36,7 +39,7 @@ from typing import Any
 from celery.app.task import Context
 from celery.exceptions import InvalidTaskError
 from celery.worker.strategy import default
-from kombu.exceptions import ContentDisallowed, DecodeError
+from kombu.exceptions import ContentDisallowed, DecodeError, SerializerNotInstalled
 
 from . import _events
 from .deadletter import publish_envelope
@@ -50,8 +53,16 @@ __all__ = ["UNREADABLE", "check_body", "dead_lettering"]
 
 logger = logging.getLogger(__name__)
 
-#: What Celery raises when it cannot read a task message (see the module docstring).
-UNREADABLE = (DecodeError, ContentDisallowed, InvalidTaskError)
+#: What reading a task message raises when the worker cannot read it (see the module
+#: docstring). ``SerializerNotInstalled``: an accepted content type whose serializer the worker
+#: lacks (``msgpack`` or ``yaml`` not installed), which Celery's consumer lets stop the worker.
+UNREADABLE = (DecodeError, ContentDisallowed, InvalidTaskError, SerializerNotInstalled)
+#: The sequence types an ``args`` may be (a tuple, not ``list | tuple`` built per message).
+_SEQUENCES = (list, tuple)
+#: A protocol 1 body's fields that are the call's arguments, not its options.
+_PROTOCOL_1_ARGUMENTS = frozenset({"args", "kwargs"})
+#: A protocol 1 body's workflow options (protocol 2 carries them in the body's ``embed``).
+_PROTOCOL_1_WORKFLOW = ("callbacks", "errbacks", "chord", "chain")
 #: The reason of an unreadable message's dead letter.
 _REASON: Reason = "exception"
 
@@ -92,7 +103,7 @@ def dead_lettering(task: Any, app: Any, consumer: Any, **options: Any) -> Callab
                     exc_info=exc,
                 )
                 return None
-            _settle(task, consumer, message, exc, ack, reject)
+            _settle(task, consumer, message, body, exc, ack, reject)
             return None
 
     return task_message_handler
@@ -122,7 +133,7 @@ def check_body(body: Any) -> None:
     if (kind is list or kind is tuple) and len(body) == 3:
         args, kwargs, embed = body
         if (
-            (type(args) is list or isinstance(args, list | tuple))
+            (type(args) is list or isinstance(args, _SEQUENCES))
             and (type(kwargs) is dict or isinstance(kwargs, Mapping))
             and (embed is None or type(embed) is dict or isinstance(embed, Mapping))
         ):
@@ -135,16 +146,22 @@ def check_body(body: Any) -> None:
         return
     shape = (
         f"a {kind.__name__} of {len(body)}"
-        if isinstance(body, list | tuple)
+        if isinstance(body, _SEQUENCES)
         else f"a {kind.__name__}"
     )
     raise InvalidTaskError(f"the body is not Celery's [args, kwargs, embed]: {shape}")
 
 
-def _settle(task: Any, consumer: Any, message: Any, exc: Exception, ack: Any, reject: Any) -> None:
+def _settle(
+    task: Any, consumer: Any, message: Any, body: Any, exc: Exception, ack: Any, reject: Any
+) -> None:
     """Dead-letter the unreadable ``message``, then acknowledge it; requeue it if the dead
     letter cannot be published. Never raises: what escapes a strategy stops the worker."""
     headers = message.headers if isinstance(message.headers, dict) else {}
+    if isinstance(body, Mapping) and "id" not in headers:
+        # Protocol 1 (which the consumer decodes before the strategy): the id, the retries and
+        # the options are in the body.
+        headers = {**{k: v for k, v in body.items() if k not in _PROTOCOL_1_ARGUMENTS}, **headers}
     task_id = str(headers.get("id") or "")
     errors = consumer.connection_errors
     logger.error(
@@ -157,7 +174,7 @@ def _settle(task: Any, consumer: Any, message: Any, exc: Exception, ack: Any, re
     )
     queue = None
     try:
-        embed = _embed(message, exc)
+        embed = _embed(message, body, exc)
         history, final = _attempts(headers, exc, consumer.hostname)
         envelope = _envelope(task, message, task_id, exc, history, final, embed)
         source = envelope["task"]["queue"]
@@ -196,9 +213,11 @@ def _settle(task: Any, consumer: Any, message: Any, exc: Exception, ack: Any, re
         ack(logger, errors)
 
 
-def _embed(message: Any, exc: Exception) -> Mapping[str, Any]:
+def _embed(message: Any, body: Any, exc: Exception) -> Mapping[str, Any]:
     """The body's workflow options (``chord``, ``errbacks``, ``chain``) when the body did decode
     to Celery's shape (an ``eta`` or ``expires`` that is no date), else none."""
+    if isinstance(body, Mapping):  # protocol 1: decoded already, the options beside the args
+        return {k: body[k] for k in _PROTOCOL_1_WORKFLOW if k in body}
     if not isinstance(exc, InvalidTaskError):
         return {}
     try:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.exceptions import InvalidTaskError
-from kombu.exceptions import ContentDisallowed, DecodeError
+from kombu.exceptions import ContentDisallowed, DecodeError, SerializerNotInstalled
 
 from resilient_tasks import FailureDetails, ResilientTask, strategy
 
@@ -135,6 +135,7 @@ def headers(**extra: Any) -> dict[str, Any]:
         DecodeError("Expecting ',' delimiter"),
         ContentDisallowed("Refusing to deserialize untrusted content of type pickle"),
         InvalidTaskError("invalid ETA value 'next tuesday'"),
+        SerializerNotInstalled("No decoder installed for msgpack"),  # accepted, not installed
     ],
     ids=lambda e: type(e).__name__,
 )
@@ -358,3 +359,30 @@ def test_an_envelope_that_cannot_be_built_is_replaced_by_the_raw_messages_alone(
     assert envelope["original"]["body"] == message.body.decode()
     assert settled.calls == [("ack", ())]
     assert "building the envelope of billing.sync" in caplog.text
+
+
+def test_a_protocol_1_message_is_dead_lettered_under_the_id_its_body_carries(
+    task: Any,
+    published: list[tuple[str, dict[str, Any]]],
+    given_up: list[FailureDetails],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Protocol 1 carries the id, the retries and the workflow in the body, which the consumer
+    decodes before the strategy; its headers are empty."""
+    task_id = str(uuid.uuid4())
+    body = {"task": "billing.sync", "id": task_id, "args": [1], "kwargs": [2], "retries": 1,
+            "errbacks": [{"task": "billing.alert"}]}  # fmt: skip
+    seen: list[Any] = []
+    monkeypatch.setattr(task.backend, "mark_as_failure", lambda task_id, exc, **kw: seen.append(
+        (task_id, kw["request"].errbacks)))  # fmt: skip
+    handle = handler(task, InvalidTaskError("kwargs must be a mapping"), monkeypatch)
+    settled = Settled()
+
+    handle(Message({}, payload=body), body, settled.ack, settled.reject, None)
+
+    ((_, envelope),) = published
+    assert envelope["task"]["id"] == task_id
+    assert envelope["attempts"][-1]["number"] == 2
+    assert given_up[0].task_id == task_id
+    assert seen == [(task_id, body["errbacks"])]  # a caller waiting on it is not left waiting
+    assert settled.calls == [("ack", ())]

@@ -11,10 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from celery import signals
+from celery import signals, states
+from celery.result import AsyncResult
 
 from resilient_tasks.dlq import DeadLetter, DeadLetters
 
@@ -73,3 +75,26 @@ def wait_for_dead_letters(dead: DeadLetters, count: int) -> list[DeadLetter]:
     if len(letters) < count:
         sys.exit(f"expected {count} dead letters in {', '.join(dead.queues)}, found {len(letters)}")
     return letters
+
+
+def forget(result: AsyncResult) -> None:
+    """Forget the task's stored outcome, so that waiting on its id waits for its next run (a
+    replay). On Celery 5.3 ``forget()`` leaves the result registered with an asynchronous result
+    backend (Redis), whose next ``get()`` hands the old outcome back, and the file backend raises
+    when it stored nothing (a rejected message): both are seen to here."""
+    with suppress(FileNotFoundError):
+        result.forget()
+    result.backend.remove_pending_result(result)
+
+
+def outcome_of(task_id: str, app: Any, timeout: float = 60) -> Any:
+    """The stored outcome of ``task_id`` once it has one, read from the result backend itself.
+    (``AsyncResult.get()`` on Celery 5.3's Redis backend can hand back an outcome it received
+    earlier for the same id, before a replay.)"""
+    result = AsyncResult(task_id, app=app)
+    deadline = time.monotonic() + timeout
+    while result.state not in states.READY_STATES:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no outcome for {task_id} within {timeout} s")
+        time.sleep(0.05)
+    return result.result

@@ -36,7 +36,13 @@ from celery import Celery, Task, signals
 from celery.exceptions import Reject
 from celery.result import AsyncResult
 from celery.utils.log import get_task_logger
-from embedded_worker import report_ready_in, start_worker, stop_worker, wait_for_dead_letters
+from embedded_worker import (
+    forget,
+    report_ready_in,
+    start_worker,
+    stop_worker,
+    wait_for_dead_letters,
+)
 from kombu import Exchange, Queue
 from kombu.utils.url import maybe_sanitize_url
 
@@ -187,8 +193,8 @@ def main() -> None:
         print("\nfixing the causes: the billing API is back, the importer reads ';' rows")
         BILLING_API_DOWN.unlink()
         IMPORTER_KNOWS_SEMICOLONS.touch()
-        invoice.forget()  # so that get() waits for the replayed run, not the old failure
-        row.forget()  # Celery records a rejection without requeue as a failure too
+        forget(invoice)  # so that get() waits for the replayed run, not the old failure
+        forget(row)  # Celery 5.7 records a rejection without requeue as a failure too
         report = dead.replay(
             progress=lambda letter, outcome: print(f"  {outcome} {letter.task_name}")
         )

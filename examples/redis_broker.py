@@ -35,7 +35,14 @@ from typing import Any
 from celery import Celery, Task
 from celery.result import AsyncResult
 from celery.utils.log import get_task_logger
-from embedded_worker import report_ready_in, start_worker, stop_worker, wait_for_dead_letters
+from embedded_worker import (
+    forget,
+    outcome_of,
+    report_ready_in,
+    start_worker,
+    stop_worker,
+    wait_for_dead_letters,
+)
 from kombu.utils.url import maybe_sanitize_url
 
 from resilient_tasks import Permanent, ResilientTask, RetryPolicy
@@ -141,7 +148,7 @@ def main() -> None:
         BILLING_API_DOWN.unlink()
         IMPORTER_KNOWS_SEMICOLONS.touch()
         for result in results:
-            result.forget()  # so that waiting for the result waits for the replayed run
+            forget(result)  # so that waiting for the result waits for the replayed run
         report = dead.replay(
             progress=lambda letter, outcome: print(f"  {outcome} {letter.task_name}")
         )
@@ -149,7 +156,7 @@ def main() -> None:
 
         print("\nafter the replay (same task ids):")
         for call, result in [("sync_invoice(42)", invoice), ("import_row(...)", row)]:
-            print(f"  {call:<20} -> {AsyncResult(result.id, app=app).get(timeout=60)!r}")
+            print(f"  {call:<20} -> {outcome_of(result.id, app)!r}")
         print(f"dead-letter queue {DEAD_LETTERS}: {dead.count()} left")
         print("stopping the worker...", flush=True)
     finally:

@@ -44,7 +44,9 @@ __all__ = ["TRANSPORT", "Channel", "Transport", "transport_options"]
 #: The ``broker_transport`` setting that selects :class:`Transport`.
 TRANSPORT = f"{__name__}:Transport"
 
-#: What a message file's name ends with while it is being written; Kombu's reader skips it.
+#: What a message file's name ends with while it is being written. The name holds no queue
+#: (``.<queue>.msg``), so no version of Kombu's reader takes it: Kombu 5.3 matches any name
+#: that contains ``.<queue>.msg``, later versions the part after the first dot.
 _PARTIAL = ".partial"
 
 
@@ -67,9 +69,11 @@ class Channel(filesystem.Channel):
     # Kombu's two bases name the payload differently (``message``, ``payload``); it is passed
     # positionally, and named as the direct base names it.
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
-        final = os.path.join(self.data_folder_out, name)
-        partial = final + _PARTIAL
+        unique = uuid.uuid4()
+        final = os.path.join(
+            self.data_folder_out, f"{round(monotonic() * 1000)}_{unique}.{queue}.msg"
+        )
+        partial = os.path.join(self.data_folder_out, f"{unique}{_PARTIAL}")
         try:
             with open(partial, "wb") as fh:
                 fh.write(str(dumps(payload)).encode())  # type: ignore[no-untyped-call]

@@ -49,7 +49,7 @@ from .hooks import FailureDetails, FailureHooksMixin, give_up
 from .policy import Reason
 from .request import _canvas, _envelope_or_bare, _failed_message
 
-__all__ = ["UNREADABLE", "check_body", "dead_lettering"]
+__all__ = ["UNREADABLE", "check_body", "check_headers", "dead_lettering"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 UNREADABLE = (DecodeError, ContentDisallowed, InvalidTaskError, SerializerNotInstalled)
 #: The sequence types an ``args`` may be (a tuple, not ``list | tuple`` built per message).
 _SEQUENCES = (list, tuple)
+#: The types of a time limit in seconds.
+_SECONDS = (int, float)
 #: A protocol 1 body's fields that are the call's arguments, not its options.
 _PROTOCOL_1_ARGUMENTS = frozenset({"args", "kwargs"})
 #: A protocol 1 body's workflow options (protocol 2 carries them in the body's ``embed``).
@@ -92,6 +94,7 @@ def dead_lettering(task: Any, app: Any, consumer: Any, **options: Any) -> Callab
     def task_message_handler(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any) -> Any:
         try:
             if body is None:  # protocol 2: the body is decoded here (Celery decodes it next)
+                check_headers(message.headers)
                 check_body(message.payload)
             return handle(message, body, ack, reject, callbacks)
         except UNREADABLE as exc:
@@ -152,6 +155,38 @@ def check_body(body: Any) -> None:
     raise InvalidTaskError(f"the body is not Celery's [args, kwargs, embed]: {shape}")
 
 
+def check_headers(headers: Any) -> None:
+    """Raise ``InvalidTaskError`` unless the protocol 2 ``headers`` Celery reads in the worker's
+    main process have the types it needs: ``id`` a task id (a non-empty string), ``timelimit``
+    absent or a pair of seconds (``[soft, hard]``, either ``None``).
+
+    Celery does not check them. An ``id`` that is a list, or a ``timelimit`` that is not a pair,
+    makes it raise in the main process, which stops the worker ("Unrecoverable error"), and the
+    message, unacknowledged, comes back to stop the next one. A library task's message with such
+    headers is dead-lettered instead.
+
+    Example::
+
+        >>> check_headers({"id": "7f3c", "task": "billing.sync", "timelimit": [None, 40]})
+        >>> try:
+        ...     check_headers({"id": "7f3c", "timelimit": [30]})
+        ... except InvalidTaskError as exc:
+        ...     print(exc)
+        the timelimit header is not [soft, hard] seconds: [30]
+    """
+    task_id = headers.get("id")
+    if type(task_id) is not str or not task_id:
+        raise InvalidTaskError(f"the id header is not a task id: {task_id!r}")
+    limits = headers.get("timelimit")
+    if limits is None:
+        return
+    if type(limits) in _SEQUENCES and len(limits) == 2:
+        soft, hard = limits
+        if (soft is None or type(soft) in _SECONDS) and (hard is None or type(hard) in _SECONDS):
+            return
+    raise InvalidTaskError(f"the timelimit header is not [soft, hard] seconds: {limits!r}")
+
+
 def _settle(
     task: Any, consumer: Any, message: Any, body: Any, exc: Exception, ack: Any, reject: Any
 ) -> None:
@@ -162,7 +197,8 @@ def _settle(
         # Protocol 1 (which the consumer decodes before the strategy): the id, the retries and
         # the options are in the body.
         headers = {**{k: v for k, v in body.items() if k not in _PROTOCOL_1_ARGUMENTS}, **headers}
-    task_id = str(headers.get("id") or "")
+    given_id = headers.get("id")
+    task_id = given_id if type(given_id) is str else ""  # none to mark a result under
     errors = consumer.connection_errors
     logger.error(
         "resilient_tasks: the worker cannot read a message of %s[%s] (%s: %s); dead-lettering it",

@@ -249,6 +249,34 @@ def test_a_body_of_another_shape_is_refused_with_what_it_is(body: Any, shape: st
     assert str(info.value).endswith(shape)
 
 
+@pytest.mark.parametrize(
+    "given",
+    [{}, {"timelimit": [None, None]}, {"timelimit": (30, 40.5)}, {"timelimit": None}],
+    ids=["no-timelimit", "no-limits", "limits", "timelimit-none"],
+)
+def test_headers_of_celerys_types_pass(given: dict[str, Any]) -> None:
+    strategy.check_headers({"id": "7f3c", "task": "billing.sync", **given})
+
+
+@pytest.mark.parametrize(
+    ("given", "what"),
+    [
+        ({"id": ["7f3c"]}, "the id header is not a task id: ['7f3c']"),
+        ({"id": None}, "the id header is not a task id: None"),
+        ({"id": ""}, "the id header is not a task id: ''"),
+        ({"timelimit": [30]}, "the timelimit header is not [soft, hard] seconds: [30]"),
+        ({"timelimit": ["30", 40]}, "the timelimit header is not [soft, hard] seconds: ['30', 40]"),
+        ({"timelimit": 30}, "the timelimit header is not [soft, hard] seconds: 30"),
+    ],
+)
+def test_headers_celery_would_stop_the_worker_on_are_refused(
+    given: dict[str, Any], what: str
+) -> None:
+    with pytest.raises(InvalidTaskError) as info:
+        strategy.check_headers({"id": "7f3c", "task": "billing.sync", **given})
+    assert str(info.value) == what
+
+
 def test_a_body_of_another_shape_is_dead_lettered_before_celery_builds_a_request(
     task: Any, published: list[tuple[str, dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -250,6 +250,12 @@ UNREADABLE = {
         {},
         "InvalidTaskError",
     ),
+    "a timelimit that is not a pair": (
+        json.dumps([[7, "log"], {}, {}]).encode(),
+        "application/json",
+        {"timelimit": [30]},
+        "InvalidTaskError",
+    ),
     "an eta that is no date": (
         json.dumps([[7, "log"], {}, {}]).encode(),
         "application/json",
@@ -300,6 +306,23 @@ def test_a_message_the_worker_cannot_read_is_dead_lettered_as_it_came(
     assert error in type(result.result).__name__ + repr(result.result)
     assert "the worker cannot read a message of dl.permanent" in worker.output_text()
     assert not any(a.get("id") == task_id for a in worker.attempts())  # the body never ran
+
+
+def test_a_message_whose_id_is_no_task_id_is_dead_lettered_and_the_worker_goes_on(
+    workers: WorkerRunner,
+) -> None:
+    """Celery raises on a list for an id in the worker's main process, which stops the worker,
+    and the message, unacknowledged, stops the next one."""
+    worker = workers.start(APP)
+    worker.publish_raw("dl.permanent", json.dumps([[7, "log"], {}, {}]).encode(), id=["7f3c"])
+
+    envelope = only_envelope(worker)
+    after = worker.send("dl.permanent", 8)  # the worker still takes tasks
+    worker.wait_for(lambda: after.state == "FAILURE", what="the next task run")
+
+    assert envelope["task"]["id"] == ""
+    assert envelope["exception"]["message"] == "the id header is not a task id: ['7f3c']"
+    assert worker.process.poll() is None
 
 
 def test_a_message_dead_letter_false_cannot_read_is_left_to_celery(workers: WorkerRunner) -> None:

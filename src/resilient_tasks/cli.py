@@ -303,6 +303,10 @@ def purge(
             "good? There is no undo",
             abort=True,
         )
-    with _errors(letters):
-        report = letters.purge(task=task, id=task_id, reason=reason, limit=limit)
-    click.echo(f"Purged {_plural(report.purged, 'dead letter')} from {_queues_text(letters)}.")
+    with _errors(letters):  # what was counted and agreed to, not what has arrived since
+        report = letters.purge(only=matching)
+    gone = len(matching) - report.purged
+    click.echo(
+        f"Purged {_plural(report.purged, 'dead letter')} from {_queues_text(letters)}."
+        + (f" {_plural(gone, 'other')} had gone meanwhile." if gone else "")
+    )

@@ -61,6 +61,7 @@ from .envelope import (
 )
 from .history import HEADER as HISTORY_HEADER
 from .history import History
+from .request import REDELIVERIES
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -87,8 +88,11 @@ PICKLE_CONTENT_TYPE = "application/x-python-serialize"
 #: ``skipped`` (did not match).
 Outcome = Literal["replayed", "would_replay", "refused", "skipped"]
 
-# Headers that belong to the first run's timeline or to the broker's bookkeeping, dropped on replay.
-_DROPPED_HEADERS = frozenset({HISTORY_HEADER, "eta", "expires", "x-delivery-count", "redelivered"})
+# Headers that belong to the first run's timeline or to the broker's bookkeeping, dropped on replay
+# (the lost-worker count too: a worker_lost dead letter has spent its max_redeliveries).
+_DROPPED_HEADERS = frozenset(
+    {HISTORY_HEADER, REDELIVERIES, "eta", "expires", "x-delivery-count", "redelivered"}
+)
 _DROPPED_HEADER_PREFIXES = ("x-death", "x-first-death", "x-last-death")
 # Message properties a replay carries over (besides content type, encoding and headers).
 _REPLAYED_PROPERTIES = ("correlation_id", "reply_to", "message_id", "type", "app_id")
@@ -1013,6 +1017,23 @@ class _Filter:
         )
 
 
+def _identity(letter: DeadLetter) -> tuple[Any, ...]:
+    """What tells one dead letter from another from one read of its queue to the next: the
+    envelope itself, or, for one the broker dead-lettered (whose envelope is made from the
+    message, headers and all, and a quorum queue's ``x-delivery-count`` rises with every read),
+    its death and its body."""
+    envelope = letter.envelope
+    if not letter.from_broker:
+        return (letter.queue, envelope)
+    original = envelope.get("original") or {}
+    return (
+        letter.queue,
+        letter.id,
+        envelope.get("dead_lettered_at"),
+        original.get("body"),
+    )
+
+
 def _check_limit(limit: int | None) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None (no limit), not {limit!r}")
@@ -1257,25 +1278,40 @@ class DeadLetters:
         id: str | None = None,
         reason: str | None = None,
         limit: int | None = None,
+        only: Iterable[DeadLetter] | None = None,
     ) -> PurgeReport:
         """Remove the matching dead letters for good; every other message stays.
 
         With no filter at all, every dead letter in the queues is removed (a message that is
-        neither an envelope nor a task message is left alone).
+        neither an envelope nor a task message is left alone). ``only`` removes exactly those
+        dead letters (as :meth:`list` returned them, each once) that are still there, and
+        nothing that arrived since: what to purge after asking someone about a list.
 
         Example::
 
             report = DeadLetters(app).purge(task="reports.legacy_export")
             print(report.purged, "removed")
+
+            shown = DeadLetters(app).list(reason="permanent")
+            if input(f"remove {len(shown)}? ") == "y":
+                DeadLetters(app).purge(only=shown)
         """
         _check_limit(limit)
         match = _Filter(task, id, reason)
+        wanted = None if only is None else [_identity(letter) for letter in only]
         examined = purged = 0
         with closing(self._walk()) as walk:
             for reader, message, letter in walk:
+                if wanted is not None and not wanted:
+                    break
                 examined += 1
                 if not match(letter):
                     continue
+                if wanted is not None:
+                    key = _identity(letter)
+                    if key not in wanted:
+                        continue
+                    wanted.remove(key)
                 reader.remove(message)
                 purged += 1
                 if limit is not None and purged >= limit:

@@ -326,6 +326,7 @@ def test_replay_republishes_the_original_message_with_a_fresh_timeline(tools: To
         headers = envelope["original"]["headers"]
         headers.update(retries=4, eta="2030-01-01T00:00:00+00:00", expires="2030-01-02T00:00:00")
         headers.update(resilient_history='{"v":1}', resilient_replays=1, tenant="acme")
+        headers.update(resilient_redeliveries=3)  # a worker_lost dead letter's spent budget
 
     (task_id,) = bury(tools, "tools.export", args=(1, "two"), edit=second_replay_after_an_eta)
     original = tools.letters().get(task_id)
@@ -343,7 +344,7 @@ def test_replay_republishes_the_original_message_with_a_fresh_timeline(tools: To
     headers = message.headers
     assert (headers["id"], headers["retries"], headers["tenant"]) == (task_id, 0, "acme")
     assert headers["resilient_replays"] == 2
-    assert not {"eta", "expires", "resilient_history"} & set(headers)
+    assert not {"eta", "expires", "resilient_history", "resilient_redeliveries"} & set(headers)
     assert tools.depth(tools.dlq) == 0
 
 
@@ -490,6 +491,19 @@ def test_purge_asks_first_and_removes_only_what_matches(tools: Tools) -> None:
     assert ids_of(tools.letters().list()) == [login]
     assert "Purged 1 dead letter" in ok(tools.cli("purge", "--id", login, "--yes")).stdout
     assert tools.depth(tools.dlq) == 0
+
+
+def test_purge_of_what_was_listed_leaves_what_arrived_since(tools: Tools) -> None:
+    """What `dlq purge` removes after its question: the dead letters it counted, not those that
+    reached the queue while the question was open."""
+    listed = bury(tools, "tools.export", count=2)
+    shown = tools.letters().list(task="tools.export")
+    (arrived,) = bury(tools, "tools.export")
+
+    report = tools.letters().purge(only=shown)
+
+    assert (report.purged, sorted(ids_of(shown))) == (2, sorted(listed))
+    assert ids_of(tools.letters().list()) == [arrived]
 
 
 # --- secrets --------------------------------------------------------------------------------

@@ -110,7 +110,8 @@ class Ledger:
         before it records it as unacknowledged, so a connection cut in between loses it before
         Celery or the library sees it (celery/kombu#305, celery/celery#4354)."""
         found = []
-        lost = self.unsettled() - (self.lost_before_delivery() if transport_losses else set())
+        before_delivery = self.lost_before_delivery() if transport_losses else set()
+        lost = self.unsettled() - before_delivery
         if lost:
             kinds = Counter(self.sent[i][1] for i in lost)
             found.append(f"{len(lost)} lost ({dict(kinds)}), e.g. {sorted(lost)[:3]}")
@@ -122,8 +123,9 @@ class Ledger:
         if len(twice) > allowed_duplicates:
             found.append(f"{len(twice)} dead-lettered more than once: {list(twice.items())[:3]}")
         permanent = self.ids(PERMANENT)
-        if permanent - set(dead):
-            found.append(f"{len(permanent - set(dead))} permanent failures not dead-lettered")
+        undead = permanent - set(dead) - before_delivery  # one never delivered never failed
+        if undead:
+            found.append(f"{len(undead)} permanent failures not dead-lettered")
         if permanent & set(self.done):
             found.append(f"{len(permanent & set(self.done))} permanent failures succeeded")
         excused = {id(e) for e in self.excused()} if outage else set()

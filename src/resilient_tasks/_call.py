@@ -82,7 +82,7 @@ class StepsMixin(_TaskBase):  # type: ignore[misc]
         try:
             outcome = body(*args, **kwargs)
         except Exception as exc:
-            self._rt_raised(exc)
+            self._rt_raised(exc, request)
             raise
         finally:
             self._rt_after(started)
@@ -99,10 +99,9 @@ class StepsMixin(_TaskBase):  # type: ignore[misc]
         if binding is not None:
             self._rt_unbind(binding)
 
-    def _rt_raised(self, exc: Exception) -> None:
+    def _rt_raised(self, exc: Exception, request: Any) -> None:
         """Run the steps for an exception out of the body; return to let it propagate as it is,
         or raise the ``Retry`` the policy scheduled."""
-        request = self.request
         if HANDED_OVER in request.__dict__:
             self._rt_retries_not_raised(request, exc)
         if isinstance(exc, Retry):  # the body called self.retry() itself

@@ -299,8 +299,9 @@ class RetryMixin(StepsMixin):
             try:
                 retry.sig.apply_async()
             except Exception as error:
-                if TRANSIENT_ERRORS(error):
-                    raise _requeue_if_broker_unreachable(Reject(error, requeue=False)) from error
+                reject = _requeue_if_broker_unreachable(Reject(error, requeue=False))
+                if reject.requeue:  # the broker could not be reached: the message comes back
+                    raise reject from error
                 raise
 
     def _celery_reason(self, exc: BaseException) -> Reason:

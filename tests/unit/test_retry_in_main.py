@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from billiard.einfo import ExceptionInfo
 from celery import Celery, Signature, Task
-from celery.exceptions import Retry, WorkerLostError
+from celery.exceptions import Reject, Retry, WorkerLostError
 from kombu.exceptions import EncodeError, OperationalError
 from test_reason_recovery import (
     TRANSIENT,
@@ -226,3 +226,32 @@ def test_a_retry_replaced_by_another_exception_is_published_and_the_other_is_the
 
     assert type(einfo.exception) is LookupError
     assert [(s["name"], s["retries"]) for s in sent] == [(replaced.name, 1)]
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [(OperationalError("[Errno 111] Connection refused"), "requeued"),
+     (EncodeError("cannot serialize"), "EncodeError")],
+    ids=["broker-unreachable", "not-a-broker-error"],
+)  # fmt: skip
+def test_a_caught_retry_the_child_cannot_publish_requeues_or_fails_the_task(
+    app: Celery, monkeypatch: pytest.MonkeyPatch, error: Exception, outcome: str
+) -> None:
+    def unpublishable(*_: Any, **__: Any) -> None:
+        raise error
+
+    monkeypatch.setattr(app, "send_task", unpublishable)
+
+    @app.task(base=ResilientTask, bind=True, name="main-retry.caught-lost", shared=False)
+    def caught(self: Task) -> str:
+        try:
+            self.retry(countdown=30)
+        except Exception:
+            return "went on"
+        return "not reached"
+
+    einfo = in_the_child(caught, headers_for(caught, retries=0))
+
+    failure = einfo.exception
+    seen = "requeued" if isinstance(failure, Reject) and failure.requeue else type(failure).__name__
+    assert seen == outcome

@@ -197,9 +197,9 @@ def test_an_apply_async_override_reads_a_result_while_the_retry_is_held(
     assert sent == []
 
 
-def test_a_retry_the_task_catches_is_published_by_the_child(
-    app: Celery, sent: list[dict[str, Any]]
-) -> None:
+def catching(app: Celery) -> Any:
+    """A task that catches the ``Retry`` its ``self.retry()`` raises and goes on."""
+
     @app.task(base=ResilientTask, bind=True, name="main-retry.caught", shared=False)
     def caught(self: Task) -> str:
         try:
@@ -207,6 +207,14 @@ def test_a_retry_the_task_catches_is_published_by_the_child(
         except Exception:  # Celery has published the retry by now, and so does the library
             return "logged and went on"
         return "not reached"
+
+    return caught
+
+
+def test_a_retry_the_task_catches_is_published_by_the_child(
+    app: Celery, sent: list[dict[str, Any]]
+) -> None:
+    caught = catching(app)
 
     assert traced(caught, headers_for(caught, retries=0)) == "logged and went on"
     assert [(s["name"], s["retries"]) for s in sent] == [(caught.name, 1)]
@@ -241,14 +249,7 @@ def test_a_caught_retry_the_child_cannot_publish_requeues_or_fails_the_task(
         raise error
 
     monkeypatch.setattr(app, "send_task", unpublishable)
-
-    @app.task(base=ResilientTask, bind=True, name="main-retry.caught-lost", shared=False)
-    def caught(self: Task) -> str:
-        try:
-            self.retry(countdown=30)
-        except Exception:
-            return "went on"
-        return "not reached"
+    caught = catching(app)
 
     einfo = in_the_child(caught, headers_for(caught, retries=0))
 

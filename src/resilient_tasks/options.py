@@ -7,6 +7,7 @@ the one kind of message they all raise: the task, the option, the value, and the
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Iterable, Mapping
 
 from ._seconds import to_seconds
@@ -18,6 +19,7 @@ __all__ = [
     "check_bool",
     "check_count",
     "check_exception_types",
+    "check_hook",
     "check_no_misspelt_options",
     "check_seconds",
     "invalid",
@@ -53,6 +55,19 @@ CELERY_TASK_OPTIONS = frozenset(
         "track_started",
         "trail",
         "typing",
+    }
+)
+
+#: The methods a task overrides to hear of its life, which a misspelt option may mean too.
+HOOKS = frozenset(
+    {
+        "after_return",
+        "before_start",
+        "on_failure",
+        "on_give_up",
+        "on_retry",
+        "on_soft_time_limit",
+        "on_success",
     }
 )
 
@@ -127,12 +142,35 @@ def check_no_misspelt_options(cls: type, known: Iterable[str]) -> None:
     """
     known = frozenset(known)
     own: Mapping[str, object] = cls.__dict__
+    # Looked up in the bases' own namespaces, never with hasattr/getattr: reading celery.Task's
+    # ``app`` class property binds the class it is read on, and a bound base makes every task
+    # class created from it skip Celery's first bind (annotations, its own request stack).
+    inherited = {name for base in cls.__mro__[1:] for name in vars(base)}
     for attr in own:
-        if attr.startswith("_") or attr in known or any(hasattr(b, attr) for b in cls.__bases__):
+        if attr.startswith("_") or attr in known or attr in inherited:
             continue
-        close = difflib.get_close_matches(attr, known, n=1, cutoff=0.8)
+        close = difflib.get_close_matches(attr, known | HOOKS, n=1, cutoff=0.8)
         if close:
             raise invalid(cls, attr, own[attr], f"unknown option; did you mean {close[0]}?")
+
+
+def check_hook(cls: type, hook: str, argument: str) -> None:
+    """Refuse a function set as ``hook`` (in the class body, or as ``@app.task(hook=fn)``) that
+    cannot be called as the method it becomes: ``hook(task, argument)``."""
+    value = cls.__dict__.get(hook)
+    if not inspect.isfunction(value):
+        return
+    try:
+        inspect.signature(value).bind(cls, argument)
+    except TypeError:
+        raise invalid(
+            cls,
+            hook,
+            value,
+            f"a hook is called as a method, {hook}(task, {argument}), so {value.__name__} must "
+            f"take (task, {argument}); or define it on a base class: "
+            f"class MyTask(ResilientTask): def {hook}(self, {argument}): ...",
+        ) from None
 
 
 def check_before(cls: type, first: type, then: type, consequence: str) -> None:

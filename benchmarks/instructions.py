@@ -100,7 +100,7 @@ def counted(folder: Path) -> dict[int, int]:
 #: The steps ``steps`` takes out one at a time, and what taking each out leaves.
 STEPS = {
     "binding": "the seven CONTEXT_KEYS not bound in structlog's contextvars",
-    "attempt": "no attempt_started (the attempt's start time, a ContextVar)",
+    "attempt": "no attempt_started nor running id (two ContextVars)",
     "after_return": "no after_return (where task_succeeded is logged)",
     "started": "no task_started step (its clock and the level check)",
 }
@@ -114,12 +114,12 @@ def _take_out(step: str) -> None:
         observability._bind_keys = lambda described: ()
     elif step == "attempt":
 
-        def before(self: Any, request: Any) -> tuple[None, Any]:
-            return None, self._rt_bind(request)
+        def before(self: Any, request: Any) -> tuple[None, None, Any]:
+            return None, None, self._rt_bind(request)
 
-        def after(self: Any, started: tuple[Any, Any]) -> None:
-            if started[1] is not None:
-                self._rt_unbind(started[1])
+        def after(self: Any, started: tuple[Any, Any, Any]) -> None:
+            if started[2] is not None:
+                self._rt_unbind(started[2])
 
         _call.StepsMixin._rt_before = before
         _call.StepsMixin._rt_after = after

@@ -46,6 +46,9 @@ HANDED_OVER = "resilient_handed_over"
 attempt_started: ContextVar[float | None] = ContextVar(
     "resilient_tasks_attempt_started", default=None
 )
+#: The id of the request whose steps are running: a task the body calls as a plain function
+#: (itself, recursively) sees that same request and must be a plain call, not a second attempt.
+_running_id: ContextVar[str | None] = ContextVar("resilient_tasks_running_id", default=None)
 # Celery's control-flow exceptions: never a failure.
 _CONTROL = (Ignore, Reject)
 
@@ -75,7 +78,9 @@ class StepsMixin(_TaskBase):  # type: ignore[misc]
         # function's bytecode, the more every failure and retry costs), so the handling of a
         # raised exception lives in _rt_raised.
         request = self.request
-        if request.called_directly:  # a plain function call: Celery's own, nothing else
+        if request.called_directly or request.id == _running_id.get():
+            # A plain function call, outside a task or nested inside the run of this very
+            # request: Celery's own (which pushes the call's own request), nothing else.
             return super().__call__(*args, **kwargs)
         body = self.run if self._rt_run_directly else super().__call__
         started = self._rt_before(request)
@@ -90,12 +95,17 @@ class StepsMixin(_TaskBase):  # type: ignore[misc]
             self._rt_retries_not_raised(request, None)
         return outcome
 
-    def _rt_before(self, request: Any) -> tuple[Token[float | None], Any]:
-        return attempt_started.set(time.time()), self._rt_bind(request)
+    def _rt_before(self, request: Any) -> tuple[Token[float | None], Token[str | None], Any]:
+        return (
+            attempt_started.set(time.time()),
+            _running_id.set(request.id),
+            self._rt_bind(request),
+        )
 
-    def _rt_after(self, started: tuple[Token[float | None], Any]) -> None:
-        token, binding = started
+    def _rt_after(self, started: tuple[Token[float | None], Token[str | None], Any]) -> None:
+        token, running, binding = started
         attempt_started.reset(token)
+        _running_id.reset(running)
         if binding is not None:
             self._rt_unbind(binding)
 

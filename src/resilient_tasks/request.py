@@ -210,6 +210,7 @@ class ResilientRequest(Request):  # type: ignore[misc]
     def _fail_for_good(self, exc: BaseException, reason: Reason) -> None:
         """Settle a failure Celery saw outside the task: handlers, envelope, result, hooks,
         ack."""
+        _reason.mark(exc, reason)  # so task_failed, sent below, names the same reason
         einfo = _exception_info(exc)
         task = self.task
         if isinstance(task, FailureHooksMixin):
@@ -309,6 +310,7 @@ class ResilientRequest(Request):  # type: ignore[misc]
     ) -> Any:
         task = self.task
         self._resilient_settled = True
+        _reason.mark(exc, "worker_lost")  # what task_failed says, if it ends the task
         if not (task.acks_late and task.reject_on_worker_lost):
             # Celery acknowledges and fails it; it will not come back, so dead-letter it too.
             if getattr(task, "dead_letter", False) and not self._dead_letter(

@@ -19,16 +19,24 @@ import pytest
 from billiard.einfo import ExceptionInfo
 from celery import Celery, Task
 from celery.app.trace import build_tracer
-from celery.exceptions import WorkerLostError
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from celery.utils.serialization import UnpickleableExceptionWrapper
 from kombu.message import Message
 from kombu.serialization import dumps
 
-from resilient_tasks import DeadLetterMixin, Permanent, ResilientTask, RetryPolicy, _reason
+from resilient_tasks import (
+    DeadLetterMixin,
+    Permanent,
+    ResilientTask,
+    RetryPolicy,
+    _reason,
+    observability,
+)
 from resilient_tasks import request as request_module
 from resilient_tasks.history import HEADER, Attempt, History
 from resilient_tasks.policy import Reason
 from resilient_tasks.request import ResilientRequest, _unwrap
+from resilient_tasks.testing import capture_events
 
 
 class NeedsTwo(Exception):
@@ -459,6 +467,65 @@ def test_a_result_read_after_its_lost_worker_was_settled_is_not_dead_lettered_to
         assert (len(republished), dead_lettered) == (1, [])
     else:  # Celery acknowledged it before it ran: dead-lettered once, as worker_lost
         assert (republished, dead_lettered) == ([], ["worker_lost"])
+
+
+# -- one reason everywhere -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("acks_late", [True, False])
+def test_task_failed_for_a_lost_worker_names_the_reason_the_envelope_does(
+    app: Celery, monkeypatch: pytest.MonkeyPatch, acks_late: bool
+) -> None:
+    observability.connect()
+    task = raising(app, KeyError("never runs"), acks_late=acks_late, max_redeliveries=0)
+    dead_lettered: list[Reason] = []
+
+    def dead_letter(self: ResilientRequest, exc: Any, exc_info: Any, reason: Reason) -> bool:
+        dead_lettered.append(reason)
+        return True
+
+    monkeypatch.setattr(ResilientRequest, "_dead_letter", dead_letter)
+    monkeypatch.setattr(ResilientRequest, "acknowledge", lambda self: None)
+    monkeypatch.setattr(task.backend, "mark_as_failure", lambda *a, **k: None)
+    request = ResilientRequest(
+        _message(headers_for(task, retries=0)), app=task.app, task=task, hostname="w1@host"
+    )
+    try:
+        with capture_events() as events:
+            request.on_failure(request_module._exception_info(WorkerLostError("SIGKILL")))
+    finally:
+        observability.disconnect()
+
+    failed = [e["reason"] for e in events if e["event"] == "task_failed"]
+    assert (dead_lettered, failed) == (["worker_lost"], ["worker_lost"])
+
+
+def test_task_failed_for_a_hard_time_limit_past_max_attempts_says_retries_exhausted(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    observability.connect()
+    policy = RetryPolicy(retry_on=(TimeLimitExceeded,), max_attempts=1, backoff=0)
+    task = raising(app, KeyError("never runs"), retry_policy=policy)
+    dead_lettered: list[Reason] = []
+
+    def dead_letter(self: ResilientRequest, exc: Any, exc_info: Any, reason: Reason) -> bool:
+        dead_lettered.append(reason)
+        return True
+
+    monkeypatch.setattr(ResilientRequest, "_dead_letter", dead_letter)
+    monkeypatch.setattr(ResilientRequest, "acknowledge", lambda self: None)
+    monkeypatch.setattr(task.backend, "mark_as_failure", lambda *a, **k: None)
+    request = ResilientRequest(
+        _message(headers_for(task, retries=0)), app=task.app, task=task, hostname="w1@host"
+    )
+    try:
+        with capture_events() as events:
+            request.on_timeout(soft=False, timeout=1.0)
+    finally:
+        observability.disconnect()
+
+    failed = [e["reason"] for e in events if e["event"] == "task_failed"]
+    assert (dead_lettered, failed) == (["retries_exhausted"], ["retries_exhausted"])
 
 
 # -- the envelope names what was raised ----------------------------------------------------------

@@ -33,6 +33,7 @@ from kombu.entity import Queue
 from kombu.messaging import Producer
 from kombu.pools import ProducerPool
 
+from ._expiry import publishing
 from .options import check_before, check_bool, invalid
 
 if TYPE_CHECKING:
@@ -80,7 +81,21 @@ def dead_letter_queue_name(template: str, *, queue: str, task: str) -> str:
 
 
 def _template_fields(template: str) -> set[str]:
-    return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    """The fields ``template`` names; a conversion or format spec (``{queue!r}``,
+    ``{queue:>10}``) raises ``ValueError``: either would put quotes or padding in a queue name."""
+    fields = set()
+    for _, field, spec, conversion in string.Formatter().parse(template):
+        if field is None:
+            continue
+        if spec or conversion:
+            written = (
+                f"{{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+            )
+            raise ValueError(
+                f"{written} formats the name; a field is written plain, as {{{field}}}"
+            )
+        fields.add(field)
+    return fields
 
 
 class DeadLetterMixin(_TaskBase):  # type: ignore[misc]
@@ -160,6 +175,14 @@ class DeadLetterMixin(_TaskBase):  # type: ignore[misc]
     def dead_letter_queue_for(self, queue: str) -> str:
         """The dead-letter queue for a message of this task that came from ``queue``."""
         return dead_letter_queue_name(self.dead_letter_queue, queue=queue, task=self.name)
+
+    def apply_async(self, *args: Any, **options: Any) -> Any:
+        """Celery's ``apply_async``, without the broker TTL Celery derives from ``expires``: an
+        expired message reaches a worker, which marks the task ``REVOKED``, instead of being
+        dropped unseen by RabbitMQ (:mod:`resilient_tasks._expiry`). An ``expiration`` passed
+        here is kept."""
+        with publishing(self.name, options):
+            return super().apply_async(*args, **options)
 
 
 def dead_letter_queue_for(name: str, source: Queue | None) -> Queue:

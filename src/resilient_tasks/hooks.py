@@ -28,7 +28,7 @@ from . import _reason
 from ._call import StepsMixin
 from .envelope import redact, redact_patterns
 from .history import Attempt, History
-from .options import check_before, invalid
+from .options import check_before, check_hook, invalid
 from .policy import Reason, exception_chain
 
 __all__ = ["FailureDetails", "FailureHooksMixin", "handler_for"]
@@ -142,6 +142,7 @@ class FailureHooksMixin(StepsMixin):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        check_hook(cls, "on_give_up", "details")
         handlers = getattr(cls, "failure_handlers", None)
         if not isinstance(handlers, Mapping):
             raise invalid(

@@ -18,7 +18,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from . import _events
 from ._call import StepsMixin
-from .options import check_before, check_seconds, invalid, task_label
+from .options import check_before, check_hook, check_seconds, invalid, task_label
 
 __all__ = ["ENFORCING_POOLS", "TimeLimitMixin"]
 
@@ -66,6 +66,7 @@ class TimeLimitMixin(StepsMixin):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         check_before(cls, TimeLimitMixin, Task, "Celery's methods would shadow it")
+        check_hook(cls, "on_soft_time_limit", "exc")
         soft = check_seconds(cls, "soft_time_limit")
         hard = check_seconds(cls, "time_limit")
         if soft is not None and hard is not None and soft >= hard:

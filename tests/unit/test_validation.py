@@ -24,6 +24,10 @@ def ok(*_: Any) -> None:
     """A task body."""
 
 
+def ok_exc(exc: BaseException) -> None:
+    """A hook written as a function of the exception alone."""
+
+
 def make_task(app: Celery, **options: Any) -> Any:
     # shared=False: a shared task is re-created in every app finalized later in this process.
     return app.task(base=ResilientTask, name="billing.sync_invoice", shared=False, **options)(ok)
@@ -91,6 +95,25 @@ TASK_OPTIONS: list[tuple[dict[str, Any], str]] = [
         "the fields are {queue}, {task}",
     ),
     ({"dead_letter_queue": "{queue.dlq"}, "dead_letter_queue='{queue.dlq': not a valid template"),
+    (
+        {"dead_letter_queue": "{queue!r}.dlq"},
+        "dead_letter_queue='{queue!r}.dlq': not a valid template: {queue!r} formats the name; "
+        "a field is written plain, as {queue}",
+    ),
+    (
+        {"dead_letter_queue": "{queue:>10}"},
+        "dead_letter_queue='{queue:>10}': not a valid template: {queue:>10} formats the name",
+    ),
+    (
+        {"on_soft_time_limit": ok_exc},
+        "a hook is called as a method, on_soft_time_limit(task, exc), so ok_exc must take "
+        "(task, exc); or define it on a base class",
+    ),
+    (
+        {"on_give_up": ok_exc},
+        "a hook is called as a method, on_give_up(task, details), so ok_exc must take "
+        "(task, details)",
+    ),
     ({"failure_handlers": [KeyError]}, "failure_handlers=[<class 'KeyError'>]: expected a mapping"),
     ({"failure_handlers": {"KeyError": print}}, "key 'KeyError' is not an exception type"),
     ({"failure_handlers": {KeyError: 42}}, "the handler for KeyError is not callable"),
@@ -115,6 +138,27 @@ def test_bad_task_option_names_the_task_and_the_option(
 def test_misspelt_option_suggests_the_right_one(app: Celery) -> None:
     with pytest.raises(ConfigurationError, match=r"unknown option; did you mean retry_policy\?"):
         make_task(app, retry_polcy=RetryPolicy())
+
+
+def test_misspelt_hook_suggests_the_hook(app: Celery) -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"unknown option; did you mean on_soft_time_limit\?"
+    ):
+        make_task(app, on_soft_timelimit=ok_exc)
+
+
+def test_a_hook_given_to_the_decorator_is_called_with_the_task_and_the_exception(
+    app: Celery,
+) -> None:
+    calls: list[tuple[str, str]] = []
+
+    def cleanup(task: Task, exc: BaseException) -> None:
+        calls.append((task.name, str(exc)))
+
+    task = make_task(app, on_soft_time_limit=cleanup)
+    task.on_soft_time_limit(RuntimeError("soft"))
+
+    assert calls == [("billing.sync_invoice", "soft")]
 
 
 POLICY_OPTIONS: list[tuple[Callable[[], Any], str]] = [

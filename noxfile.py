@@ -29,6 +29,28 @@ def celery(session: nox.Session, celery: str) -> None:
     session.run("python", "-m", "pytest", *session.posargs)
 
 
+@nox.session(python=PYTHON, name="celery-compat")
+def celery_compat(session: nox.Session) -> None:
+    """Celery's own ``t/unit/tasks`` tests, plain and with ResilientTask as every app's task class.
+
+    Downloads the source release of the installed Celery, runs the tests twice and fails on
+    any test that passes on plain Celery and not with ResilientTask, unless it is listed in
+    tools/celery_compat/expected_differences.txt. ``CELERY_COMPAT_SRC=<unpacked sdist>`` reuses
+    a source release; ``nox -s celery-compat -- --tests t/unit/tasks/test_trace.py -- -x``
+    passes options to tools/celery_compat/run.py (after a second ``--``, to pytest).
+    """
+    # Only what t/unit/tasks imports: pytest >= 9 has the ``subtests`` fixture built in
+    # (Celery's requirements/test.txt adds pytest-subtests for that, and its CI extras).
+    session.install("-e", ".", "pytest>=9")
+    session.run(
+        "python",
+        "tools/celery_compat/run.py",
+        "--cache-dir",
+        str(session.cache_dir / "celery-compat"),
+        *session.posargs,
+    )
+
+
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check."""

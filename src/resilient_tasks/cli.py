@@ -11,9 +11,11 @@ Registered through the ``celery.commands`` entry point, so it runs with the app 
                                [--yes]
 
 Every command is a thin layer over :class:`resilient_tasks.dlq.DeadLetters`; everything it
-prints is redacted (:meth:`resilient_tasks.dlq.DeadLetter.redacted`). Exit status: 0 when the
-command did what it was asked, 1 when it did not (an unknown id, a refused or failed replay, a
-broker error, an aborted purge), 2 for a usage error.
+prints is redacted (:meth:`resilient_tasks.dlq.DeadLetter.redacted`). A mistake is an error,
+never an empty answer. Exit status: 0 when the command did what it was asked, 1 when it did not
+(a ``--queue`` the broker does not have, an ``--id`` that matches nothing, a queue that holds
+messages that are not dead letters, a refused or failed replay, a broker error, an aborted
+purge), 2 for a usage error (an unknown option or ``--reason``, ``--limit 0``).
 """
 
 from __future__ import annotations
@@ -21,18 +23,28 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, TypeVar
 
 import click
 from kombu.exceptions import OperationalError
 
-from .dlq import DeadLetter, DeadLetters, Outcome, ReplayError
+from .dlq import (
+    REASONS,
+    DeadLetter,
+    DeadLetters,
+    DeadLetterToolError,
+    NotADeadLetterQueue,
+    Outcome,
+    PurgeReport,
+    ReplayError,
+    ReplayReport,
+)
 
 __all__ = ["dlq"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-_COLUMNS = ("ID", "TASK", "REASON", "EXCEPTION", "DEAD-LETTERED AT", "ATTEMPTS")
+_COLUMNS = ("ID", "TASK", "REASON", "EXCEPTION", "DEAD-LETTERED AT", "ATTEMPTS", "REDELIVERED")
 
 
 def _queue_option(f: _F) -> _F:
@@ -55,9 +67,8 @@ def _filter_options(f: _F) -> _F:
         click.option("--id", "task_id", metavar="ID", help="Only the task with this id."),
         click.option(
             "--reason",
-            metavar="REASON",
-            help="Only this reason (permanent, retries_exhausted, ..., or the broker's: "
-            "expired, rejected, delivery_limit).",
+            type=click.Choice(REASONS),
+            help="Only this reason (the broker's: expired, rejected, maxlen, delivery_limit).",
         ),
         click.option(
             "--limit", type=click.IntRange(min=1), metavar="N", help="At most N dead letters."
@@ -79,6 +90,16 @@ def _errors(letters: DeadLetters) -> Iterator[None]:
         raise click.ClickException(
             f"{exc}\nReplayed {exc.report.replayed}; the others stay in the dead-letter queue."
         ) from exc
+    except NotADeadLetterQueue as exc:
+        report = exc.report
+        done = "Nothing was changed."
+        if isinstance(report, ReplayReport) and report.replayed and not report.dry_run:
+            done = f"Replayed {_plural(report.replayed, 'dead letter')} before it."
+        elif isinstance(report, PurgeReport) and report.purged:
+            done = f"Purged {_plural(report.purged, 'dead letter')} before it."
+        raise click.ClickException(f"{exc}. {done}") from exc
+    except DeadLetterToolError as exc:
+        raise click.ClickException(str(exc)) from exc
     except broker_errors as exc:
         raise click.ClickException(f"broker error: {exc}") from exc
 
@@ -131,19 +152,48 @@ def list_(
     limit: int | None,
     as_json: bool,
 ) -> None:
-    """List dead letters, oldest first (nothing is consumed)."""
+    """List dead letters, oldest first (nothing is consumed).
+
+    ATTEMPTS counts the attempts recorded; REDELIVERED how often the message came back after
+    its worker was lost (a run that recorded no attempt). Exits 1 if --id matches nothing or a
+    queue holds messages that are not dead letters (they are not listed).
+    """
     letters = _dead_letters(ctx, queues)
+    others: dict[str, list[str]] = {}
     with _errors(letters):
-        found = letters.list(task=task, id=task_id, reason=reason, limit=limit)
+        found = letters.list(
+            task=task,
+            id=task_id,
+            reason=reason,
+            limit=limit,
+            others=lambda queue, what: others.setdefault(queue, []).append(what),
+        )
     if as_json:
         for letter in found:
             click.echo(json.dumps(letter.redacted(letters.redact_patterns), default=str))
-        return
-    if not found:
+    elif not found and not others:  # a queue of other messages is no all-clear
         click.echo(f"No dead letters in {_queues_text(letters)}.")
-        return
-    click.echo(_table([_row(letter) for letter in found]))
-    click.echo(f"\n{_plural(len(found), 'dead letter')} in {_queues_text(letters)}.")
+    else:
+        click.echo(_table([_row(letter) for letter in found]))
+        click.echo(f"\n{_plural(len(found), 'dead letter')} in {_queues_text(letters)}.")
+    _fail_on_others(ctx, others)
+    if task_id is not None and not found:
+        click.echo(f"No dead letter of task {task_id} in {_queues_text(letters)}.", err=True)
+        ctx.exit(1)
+
+
+def _fail_on_others(ctx: click.Context, others: dict[str, list[str]]) -> None:
+    """Messages that are not dead letters: name them on stderr and exit 1."""
+    for queue, found in others.items():
+        first = found[0] + (f" and {_plural(len(found) - 1, 'other')}" if len(found) > 1 else "")
+        click.echo(
+            f"Error: {queue} holds {_plural(len(found), 'message')} that "
+            f"{'is' if len(found) == 1 else 'are'} not dead letters ({first}; not listed): "
+            "is it a live task queue?",
+            err=True,
+        )
+    if others:
+        ctx.exit(1)
 
 
 def _row(letter: DeadLetter) -> tuple[str, ...]:
@@ -154,6 +204,7 @@ def _row(letter: DeadLetter) -> tuple[str, ...]:
         letter.exception_type or "-",
         letter.dead_lettered_at or "-",
         str(letter.attempts),
+        str(letter.redeliveries),
     )
 
 
@@ -208,34 +259,39 @@ def replay(
 
     The attempt count starts again, eta and expires are dropped (they belong to the first run)
     and the resilient_replays header counts the replays. A message is removed only once the
-    broker has confirmed the publish. Exits 1 if any matching dead letter was not replayed.
+    broker has confirmed the publish. Exits 1 if any matching dead letter was not replayed, and,
+    replaying nothing, if a queue does not exist, holds messages that are not dead letters (a
+    live task queue), or --id matches nothing.
     """
     letters = _dead_letters(ctx, queues)
     if to_queue in letters.queues:
         raise click.UsageError(f"--to-queue {to_queue} is one of the dead-letter queues replayed")
     notes: list[str] = []
-    with _errors(letters):
+    with _errors(letters), ExitStack() as stack:
         total = letters.count()
         label = "Dry run" if dry_run else "Replaying"
-        with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        bars: list[Any] = []  # shown from the first dead letter on: not before a refusal
 
-            def progress(letter: DeadLetter, outcome: Outcome) -> None:
-                bar.update(1)
-                if outcome == "would_replay":
-                    notes.append(f"would replay {_describe(letter, to_queue)}")
-                elif outcome == "refused":
-                    notes.append(f"refused {_describe(letter, to_queue)}: {_why(letter, to_queue)}")
+        def progress(letter: DeadLetter, outcome: Outcome) -> None:
+            if not bars:
+                bar = click.progressbar(length=total, label=label, file=sys.stderr)
+                bars.append(stack.enter_context(bar))
+            bars[0].update(1)
+            if outcome == "would_replay":
+                notes.append(f"would replay {_describe(letter, to_queue)}")
+            elif outcome == "refused":
+                notes.append(f"refused {_describe(letter, to_queue)}: {_why(letter, to_queue)}")
 
-            report = letters.replay(
-                task=task,
-                id=task_id,
-                reason=reason,
-                limit=limit,
-                dry_run=dry_run,
-                to_queue=to_queue,
-                allow_pickle=allow_pickle,
-                progress=progress,
-            )
+        report = letters.replay(
+            task=task,
+            id=task_id,
+            reason=reason,
+            limit=limit,
+            dry_run=dry_run,
+            to_queue=to_queue,
+            allow_pickle=allow_pickle,
+            progress=progress,
+        )
     for note in notes:
         click.echo(note)
     if dry_run:
@@ -290,10 +346,28 @@ def purge(
     limit: int | None,
     yes: bool,
 ) -> None:
-    """Remove matching dead letters for good (asks first unless --yes)."""
+    """Remove matching dead letters for good (asks first unless --yes).
+
+    Removes nothing, and exits 1, if a queue does not exist, holds messages that are not dead
+    letters (a live task queue), or --id matches nothing.
+    """
     letters = _dead_letters(ctx, queues)
+    others: dict[str, list[str]] = {}
     with _errors(letters):
-        matching = letters.list(task=task, id=task_id, reason=reason, limit=limit)
+        letters.check()  # stops at the first message that is not a dead letter
+        matching = letters.list(
+            task=task,
+            id=task_id,
+            reason=reason,
+            limit=limit,
+            others=lambda queue, what: others.setdefault(queue, []).append(what),
+        )
+    if others:  # arrived since the check
+        _fail_on_others(ctx, others)
+    if task_id is not None and not matching:
+        raise click.ClickException(
+            f"no dead letter of task {task_id} in {_queues_text(letters)}; nothing purged"
+        )
     if not matching:
         click.echo(f"No matching dead letters in {_queues_text(letters)}; nothing purged.")
         return

@@ -22,6 +22,12 @@ Nothing is lost, whatever happens mid-way:
 * **Only what matches is touched.** Filters (task name, task id, reason, a limit) select; every
   other message stays as it was. Each operation works on the messages the queue held when it
   started, so a replayed task that fails again is not replayed twice in one run.
+* **A mistake is an error, never an empty answer.** A named queue that does not exist
+  (:class:`QueueNotFound`), an ``id`` that replay or purge finds nowhere
+  (:class:`DeadLetterNotFound`) and an unknown ``reason`` (:class:`UnknownReason`) raise, and
+  nothing is changed. Replay and purge refuse a queue that holds anything but dead
+  letters (:class:`NotADeadLetterQueue`: a live task queue named by mistake): they read every
+  queue through first and change nothing if one does, and check each message again as they go.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import builtins
 import fnmatch
 import json
 import os
+import re
 import shutil
 from abc import ABC, abstractmethod
 from collections import deque
@@ -39,7 +46,7 @@ from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from amqp import spec
 from amqp.exceptions import MessageNacked
@@ -61,20 +68,28 @@ from .envelope import (
 )
 from .history import HEADER as HISTORY_HEADER
 from .history import History
-from .request import REDELIVERIES
+from .policy import Reason
+from .request import REDELIVERIES, redeliveries
 
 if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = [
+    "BROKER_REASONS",
     "PICKLE_CONTENT_TYPE",
+    "REASONS",
     "REPLAY_HEADER",
     "DeadLetter",
+    "DeadLetterNotFound",
+    "DeadLetterToolError",
     "DeadLetters",
+    "NotADeadLetterQueue",
     "Outcome",
     "PurgeReport",
+    "QueueNotFound",
     "ReplayError",
     "ReplayReport",
+    "UnknownReason",
     "dead_letter_queues",
 ]
 
@@ -87,6 +102,14 @@ PICKLE_CONTENT_TYPE = "application/x-python-serialize"
 #: place: pickle without ``allow_pickle``, nowhere to send it, or an undecodable body) or
 #: ``skipped`` (did not match).
 Outcome = Literal["replayed", "would_replay", "refused", "skipped"]
+#: The reasons RabbitMQ gives in ``x-death`` for a message it dead-lettered.
+BROKER_REASONS: tuple[str, ...] = ("expired", "rejected", "maxlen", "delivery_limit")
+#: Every reason the ``reason`` filter accepts: the envelope schema's (the library's give-up
+#: reasons, :data:`resilient_tasks.policy.Reason`, and ``retry_budget_exhausted``, which the
+#: schema names for retry budgets) and the broker's.
+REASONS: tuple[str, ...] = tuple(
+    dict.fromkeys((*get_args(Reason), "retry_budget_exhausted", *BROKER_REASONS))
+)
 
 # Headers that belong to the first run's timeline or to the broker's bookkeeping, dropped on replay
 # (the lost-worker count too: a worker_lost dead letter has spent its max_redeliveries).
@@ -99,6 +122,10 @@ _REPLAYED_PROPERTIES = ("correlation_id", "reply_to", "message_id", "type", "app
 _PERSISTENT = 2
 # AMQP's prefetch count is a short; 0 is no limit.
 _MAX_PREFETCH = 0xFFFF
+# Queues a delayed message waits in until it is due, and dies in ("expired") on its way to the
+# queue it is meant for: Celery's and Kombu's native delayed delivery. A task message whose last
+# death was there is a live task on its way, not a dead letter.
+_DELAY_QUEUES = re.compile(r"celery_delayed_\d+")
 
 
 @dataclass(frozen=True)
@@ -175,6 +202,25 @@ class DeadLetter:
         return (len(attempts) if isinstance(attempts, list) else 0) + (
             dropped if isinstance(dropped, int) else 0
         )
+
+    @property
+    def redeliveries(self) -> int:
+        """How often the message had come back after the worker running it was lost (its pool
+        process killed) before it was dead-lettered: the original message's
+        ``resilient_redeliveries`` header, or RabbitMQ's ``x-delivery-count`` if higher.
+
+        Such a run ends without an attempt being recorded, so the task ran ``attempts +
+        redeliveries`` times: a ``worker_lost`` dead letter of a task with
+        ``max_redeliveries=3`` has 1 attempt and 3 redeliveries.
+
+        Example::
+
+            >>> DeadLetter("q.dlq", {"reason": "worker_lost", "attempts": [{"number": 1}],
+            ...     "original": {"headers": {"resilient_redeliveries": 3}}}).redeliveries
+            3
+        """
+        headers = self._original.get("headers")
+        return redeliveries(headers if isinstance(headers, Mapping) else None)
 
     @property
     def content_type(self) -> str | None:
@@ -300,7 +346,77 @@ class PurgeReport:
     purged: int = 0
 
 
-class ReplayError(Exception):
+class DeadLetterToolError(Exception):
+    """What the dead-letter tools raise for a mistake in what they were asked: the base of
+    :class:`QueueNotFound`, :class:`DeadLetterNotFound`, :class:`UnknownReason`,
+    :class:`NotADeadLetterQueue` and :class:`ReplayError`."""
+
+
+class QueueNotFound(DeadLetterToolError, LookupError):
+    """A queue named explicitly does not exist on the broker (a typo, another vhost or Redis
+    database): nothing was read or changed.
+
+    A dead-letter queue the app's task routes imply is never "not found": one that does not
+    exist yet is empty (nothing failed there yet). How each broker tells whether a queue
+    exists: see :meth:`DeadLetters.exists`.
+    """
+
+    def __init__(self, queue: str, known: Iterable[str] = ()) -> None:
+        self.queue = queue
+        known = tuple(known)
+        hint = f" (the app's dead-letter queues: {', '.join(known)})" if known else ""
+        super().__init__(f"no queue {queue!r} on the broker{hint}; nothing was read or changed")
+
+
+class DeadLetterNotFound(DeadLetterToolError, LookupError):
+    """:meth:`DeadLetters.replay` or :meth:`DeadLetters.purge` was given an ``id`` that no
+    dead letter (with the other filters given) has: nothing was changed."""
+
+    def __init__(self, id: str, queues: Iterable[str], filters: str = "") -> None:
+        self.id = id
+        self.queues = tuple(queues)
+        matching = f" matching {filters}" if filters else ""
+        super().__init__(
+            f"no dead letter of task {id}{matching} in {', '.join(self.queues)}; "
+            "nothing was changed"
+        )
+
+
+class UnknownReason(DeadLetterToolError, ValueError):
+    """A ``reason`` filter that is none of :data:`REASONS` (a typo would match nothing)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"unknown reason {reason!r}: expected one of {', '.join(REASONS)}")
+
+
+class NotADeadLetterQueue(DeadLetterToolError):
+    """A queue holds a message that is not a dead letter (neither an envelope nor a task
+    message the broker dead-lettered): most likely a live task queue named by mistake.
+
+    :meth:`DeadLetters.replay` and :meth:`DeadLetters.purge` read every queue through before
+    they change anything, so normally nothing was replayed or removed (``report`` counts
+    nothing). A message that is not a dead letter found later (one that arrived meanwhile)
+    stops them there: it and everything after it stay where they are, and ``report`` says what
+    was done before. ``queue`` is the queue, ``found`` describes the message.
+    """
+
+    def __init__(
+        self,
+        queue: str,
+        found: str,
+        report: ReplayReport | PurgeReport | None = None,
+    ) -> None:
+        self.queue = queue
+        self.found = found
+        self.report = report
+        super().__init__(
+            f"{queue} holds {found}, which is not a dead letter: is it a live task queue? "
+            "Refusing to replay or purge it"
+        )
+
+
+class ReplayError(DeadLetterToolError):
     """A replay stopped because a message could not be published.
 
     The dead letter being published stays in its queue, and so does everything not published
@@ -412,9 +528,16 @@ class _Reader(ABC):
     """Reads one queue: ``messages()`` yields what the queue holds when it is called, oldest
     first; ``remove()`` takes one for good; ``close()`` leaves every other one in the queue."""
 
+    #: The queue it reads.
+    queue: str
+
     @abstractmethod
     def count(self) -> int:
-        """How many messages the queue holds now."""
+        """How many messages the queue holds now (0 if it does not exist)."""
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """Whether the broker has the queue (see :meth:`DeadLetters.exists`)."""
 
     @abstractmethod
     def messages(self) -> Iterator[_Message]:
@@ -442,16 +565,25 @@ class _BasicGetReader(_Reader):
         self.channel = connection.channel()
         self.taken = False
 
-    def count(self) -> int:
-        probe = self.connection.channel()  # a 404 closes the channel it happens on
+    def _declared(self) -> int | None:
+        """How many messages a passive ``queue.declare`` says the queue holds; ``None`` when
+        the broker has no such queue. On a channel of its own: a 404 closes the channel it
+        happens on."""
+        probe = self.connection.channel()
         try:
             _, count, _ = probe.queue_declare(queue=self.queue, passive=True)
         except self.connection.channel_errors:
-            return 0  # no such queue: nothing was dead-lettered there yet
+            return None
         finally:
             with suppress(Exception):
                 probe.close()
         return int(count or 0)
+
+    def count(self) -> int:
+        return self._declared() or 0  # no such queue: nothing was dead-lettered there yet
+
+    def exists(self) -> bool:
+        return self._declared() is not None
 
     def messages(self) -> Iterator[_Message]:
         for _ in range(self.count()):
@@ -532,6 +664,7 @@ class _RedisReader(_Reader):
     PAGE = 200
 
     def __init__(self, connection: Any, queue: str) -> None:
+        self.queue = queue
         self.channel = connection.default_channel
         self.client = self.channel.client
         keys = (self.channel._q_for_pri(queue, step) for step in self.channel.priority_steps)
@@ -547,6 +680,28 @@ class _RedisReader(_Reader):
 
     def count(self) -> int:
         return sum(int(self.client.llen(self._key("LLEN", key))) for key in self.keys)
+
+    def exists(self) -> bool:
+        """A queue is a list (one per priority step), which Redis deletes when it is empty, and
+        its bindings, one member ``routing key, pattern, queue`` of a ``_kombu.binding.<exchange>``
+        set per exchange it is bound to (a task queue is bound to its exchange; a queue
+        published to through the default exchange, as dead-letter queues are, has none). So: a
+        queue exists if it holds a message or is bound to an exchange."""
+        return bool(self.count()) or self._bound()
+
+    def _bound(self) -> bool:
+        prefix = self.channel.global_keyprefix or ""
+        tables = f"{prefix}{self.channel.keyprefix_queue % ('',)}"
+        wanted = self.queue.encode()
+        separator = self.channel.sep.encode()
+        for found in self.client.scan_iter(match=f"{_glob_escape(tables)}*", count=1000):
+            key = found.decode() if isinstance(found, bytes) else str(found)
+            key = key[len(prefix) :]  # SMEMBERS is prefixed again by Kombu's client
+            for member in self.client.smembers(self._key("SMEMBERS", key)):
+                raw = member if isinstance(member, bytes) else str(member).encode()
+                if raw.rsplit(separator, 1)[-1] == wanted:
+                    return True
+        return False
 
     def messages(self) -> Iterator[_Message]:
         for key in self.keys:
@@ -578,6 +733,7 @@ class _FolderReader(_Reader):
     skipped."""
 
     def __init__(self, connection: Any, queue: str) -> None:
+        self.queue = queue
         self.channel = connection.default_channel
         self.folder = Path(self.channel.data_folder_in)
         self.suffix = f"{queue}.msg"
@@ -587,6 +743,26 @@ class _FolderReader(_Reader):
 
     def count(self) -> int:
         return len(self._names())
+
+    def exists(self) -> bool:
+        """A queue is its message files and its bindings, which Kombu keeps as one table file
+        per exchange (``<exchange>.exchange`` in the control folder; a queue published to
+        through the default exchange, as dead-letter queues are, is in none). So: a queue
+        exists if it holds a message or is bound to an exchange."""
+        return bool(self.count()) or self._bound()
+
+    def _bound(self) -> bool:
+        control = Path(self.channel.control_folder)
+        try:
+            tables = sorted(n for n in os.listdir(control) if n.endswith(".exchange"))
+        except FileNotFoundError:
+            return False
+        for name in tables:
+            with suppress(Exception):  # a name Kombu refuses, a table being written
+                table = self.channel.get_table(name[: -len(".exchange")])
+                if any(binding[2] == self.queue for binding in table):
+                    return True
+        return False
 
     def messages(self) -> Iterator[_Message]:
         for name in self._names():
@@ -609,6 +785,11 @@ class _FolderReader(_Reader):
 
     def close(self) -> None:
         """Nothing was taken."""
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a Redis ``SCAN MATCH`` pattern that matches it literally."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 def _parse_payload(channel: Any, raw: bytes | str, token: Any) -> _Message | None:
@@ -650,12 +831,44 @@ def _json_body(body: bytes, content_type: object, content_encoding: object) -> A
 
 
 def _letter(queue: str, message: _Message, patterns: tuple[str, ...]) -> DeadLetter | None:
+    """``message`` as a dead letter; ``None`` when it is not one.
+
+    A dead letter is an envelope (schema ``resilient_tasks.dead_letter/1``) or a task message
+    the broker dead-lettered: a protocol-2 task message whose last ``x-death`` is a failure.
+    A task message without ``x-death`` is a live task; so is one whose last death was its
+    expiry in a delay queue (it waited there until due, and is on its way to its queue)."""
     decoded = _json_body(message.body, message.content_type, message.content_encoding)
     if is_envelope(decoded):
         return DeadLetter(queue, decoded)
-    if "task" in message.headers and "id" in message.headers:  # a protocol-2 task message
+    if _is_task(message) and _last_death(message) is not None:
         return DeadLetter(queue, _broker_envelope(message, decoded, patterns), from_broker=True)
     return None
+
+
+def _is_task(message: _Message) -> bool:
+    return "task" in message.headers and "id" in message.headers  # Celery's protocol 2
+
+
+def _last_death(message: _Message) -> Mapping[str, Any] | None:
+    """The newest ``x-death`` entry of a message the broker dead-lettered for a failure;
+    ``None`` for any other message (a delayed message's expiry in a delay queue included)."""
+    deaths = message.headers.get("x-death")
+    if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], Mapping):
+        return None
+    death = deaths[0]
+    delayed = death.get("reason") == "expired" and any(
+        isinstance(name, str) and _DELAY_QUEUES.fullmatch(name)
+        for name in (death.get("queue"), death.get("exchange"))
+    )
+    return None if delayed else death
+
+
+def _described(message: _Message) -> str:
+    """What a message that is not a dead letter is, for an error that names it."""
+    if _is_task(message):
+        what = f"a task message {message.headers.get('task')}[{message.headers.get('id')}]"
+        return what if "x-death" not in message.headers else f"{what} on its way from a delay"
+    return f"a message of {len(message.body)} bytes ({message.content_type or 'no content type'})"
 
 
 def _broker_envelope(message: _Message, decoded: Any, patterns: tuple[str, ...]) -> dict[str, Any]:
@@ -1039,6 +1252,24 @@ def _check_limit(limit: int | None) -> None:
         raise ValueError(f"limit must be a positive integer or None (no limit), not {limit!r}")
 
 
+def _check_reason(reason: str | None) -> None:
+    if reason is not None and reason not in REASONS:
+        raise UnknownReason(reason)
+
+
+def _filters_text(task: str | None, reason: str | None) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in (("task", task), ("reason", reason)) if v is not None)
+
+
+class _Stranger(Exception):
+    """A message that is not a dead letter, met in ``queue`` while changing things."""
+
+    def __init__(self, queue: str, found: str) -> None:
+        super().__init__(found)
+        self.queue = queue
+        self.found = found
+
+
 class DeadLetters:
     """The dead-letter queues of ``app``: list, get, replay and purge what is in them.
 
@@ -1046,9 +1277,16 @@ class DeadLetters:
     tasks and routes imply (:func:`dead_letter_queues`), and ``ValueError`` if there is none.
 
     The filters every operation takes: ``task`` is a task name, or a shell-style pattern of
-    one (``"billing.*"``); ``id`` a task id; ``reason`` the envelope's reason (``permanent``,
-    ``retries_exhausted``, ..., or the broker's: ``expired``, ``rejected``, ``delivery_limit``);
+    one (``"billing.*"``); ``id`` a task id; ``reason`` the envelope's reason, one of
+    :data:`REASONS` (``permanent``, ``retries_exhausted``, ..., or the broker's: ``expired``,
+    ``rejected``, ``maxlen``, ``delivery_limit``; any other raises :class:`UnknownReason`);
     ``limit`` the most dead letters to act on (``None``: all). ``None`` filters nothing.
+
+    Every operation raises :class:`QueueNotFound` for a named queue the broker does not have
+    (one the app's routes imply is empty until something fails there). :meth:`replay` and
+    :meth:`purge` raise :class:`DeadLetterNotFound` for an ``id`` that matches nothing and
+    :class:`NotADeadLetterQueue` for a queue that holds anything but dead letters, and then
+    change nothing.
 
     Example::
 
@@ -1069,16 +1307,49 @@ class DeadLetters:
         self.app = app
         if isinstance(queues, str):
             queues = (queues,)
-        self.queues: tuple[str, ...] = (
-            dead_letter_queues(app) if queues is None else tuple(dict.fromkeys(queues))
-        )
+        implied = dead_letter_queues(app)
+        self.queues: tuple[str, ...] = implied if queues is None else tuple(dict.fromkeys(queues))
         if not self.queues:
             raise ValueError(
                 "no dead-letter queues: the app has no task with dead_letter=True "
                 "(is the module that defines them imported?); name the queues explicitly"
             )
+        #: The dead-letter queues the app's tasks and routes imply: never "not found".
+        self.implied: tuple[str, ...] = implied
         #: The redaction patterns :meth:`DeadLetter.redacted` should be given for this app.
         self.redact_patterns: tuple[str, ...] = redact_patterns(app)
+
+    def exists(self, queue: str) -> bool:
+        """Whether the broker has ``queue``, or the app's routes imply it as a dead-letter queue.
+
+        * RabbitMQ (any AMQP transport): a passive ``queue.declare`` (on a channel of its own,
+          since a failed one closes its channel). A declared queue exists until it is deleted,
+          empty or not.
+        * Redis: Kombu keeps a queue as a list, which Redis deletes once it is empty, and its
+          bindings in the ``_kombu.binding.<exchange>`` sets. A queue exists if its list holds a
+          message or it is bound to an exchange (a Celery task queue is bound to its exchange
+          as soon as anything declares it).
+        * filesystem: the same, with the message files and the exchange tables Kombu keeps in
+          the control folder.
+
+        A dead-letter queue is published to through the default exchange, which binds nothing:
+        on Redis and the filesystem transport one that is empty leaves no trace. So every
+        dead-letter queue the app's tasks and routes imply (:attr:`implied`) counts as existing,
+        empty until something fails there; name another one only while it holds something.
+
+        Example::
+
+            DeadLetters(app, ["billing.dlq"]).exists("billing.dql")  # False: a typo
+        """
+        if queue in self.implied:
+            return True
+        with self._reading(queue) as reader:
+            return reader.exists()
+
+    def _check_queues(self) -> None:
+        for queue in self.queues:
+            if not self.exists(queue):
+                raise QueueNotFound(queue, self.implied)
 
     def count(self) -> int:
         """How many messages the queues hold now (dead letters or not).
@@ -1087,11 +1358,38 @@ class DeadLetters:
 
             DeadLetters(app, ["billing.dlq"]).count()  # 3
         """
+        self._check_queues()
         total = 0
         for queue in self.queues:
             with self._reading(queue) as reader:
                 total += reader.count()
         return total
+
+    def check(self) -> int:
+        """Make sure every queue exists and holds nothing but dead letters; return how many
+        dead letters they hold. Consumes nothing.
+
+        Raises :class:`QueueNotFound` or :class:`NotADeadLetterQueue` (at the first message
+        that is not a dead letter; the rest is not read).
+
+        Example::
+
+            DeadLetters(app, ["billing"]).check()  # NotADeadLetterQueue: a live task queue
+        """
+        self._check_queues()
+        return self._survey(lambda letter: True)
+
+    def _survey(self, match: Callable[[DeadLetter], bool]) -> int:
+        """Read every queue through (nothing is taken); raise :class:`NotADeadLetterQueue` at
+        the first message that is not a dead letter; return how many match."""
+        matched = 0
+        for queue in self.queues:
+            with self._reading(queue, stream=True) as reader:
+                for message, letter in self._messages(queue, reader):
+                    if letter is None:
+                        raise NotADeadLetterQueue(queue, _described(message))
+                    matched += bool(match(letter))
+        return matched
 
     @contextmanager
     def _reading(self, queue: str, *, stream: bool = False) -> Iterator[_Reader]:
@@ -1102,16 +1400,17 @@ class DeadLetters:
             finally:
                 reader.close()
 
-    def _letters(self, queue: str, reader: _Reader) -> Iterator[tuple[_Message, DeadLetter]]:
+    def _messages(
+        self, queue: str, reader: _Reader
+    ) -> Iterator[tuple[_Message, DeadLetter | None]]:
+        """Every message of the queue, with its dead letter (``None``: it is not one)."""
         for message in reader.messages():
-            letter = _letter(queue, message, self.redact_patterns)
-            if letter is not None:
-                yield message, letter
+            yield message, _letter(queue, message, self.redact_patterns)
 
-    def _walk(self) -> Generator[tuple[_Reader, _Message, DeadLetter], None, None]:
+    def _walk(self) -> Generator[tuple[_Reader, _Message, DeadLetter | None], None, None]:
         for queue in self.queues:
             with self._reading(queue) as reader:
-                for message, letter in self._letters(queue, reader):
+                for message, letter in self._messages(queue, reader):
                     yield reader, message, letter
 
     def list(
@@ -1121,8 +1420,14 @@ class DeadLetters:
         id: str | None = None,
         reason: str | None = None,
         limit: int | None = None,
+        others: Callable[[str, str], None] | None = None,
     ) -> builtins.list[DeadLetter]:
         """The dead letters that match, oldest first, queue by queue. Consumes nothing.
+
+        A message that is not a dead letter is left where it is and not listed; ``others``, if
+        given, is called with its queue and a description of it (a queue full of them is a
+        live task queue, named by mistake). No match is an empty list, an unknown ``id``
+        included (:meth:`replay` and :meth:`purge` raise for that).
 
         Example::
 
@@ -1130,10 +1435,16 @@ class DeadLetters:
                 print(letter.id, letter.task_name, letter.exception_type)
         """
         _check_limit(limit)
+        _check_reason(reason)
+        self._check_queues()
         match = _Filter(task, id, reason)
         found: builtins.list[DeadLetter] = []
         with closing(self._walk()) as walk:
-            for _, _, letter in walk:
+            for reader, message, letter in walk:
+                if letter is None:
+                    if others is not None:
+                        others(reader.queue, _described(message))
+                    continue
                 if match(letter):
                     found.append(letter)
                     if limit is not None and len(found) >= limit:
@@ -1185,6 +1496,12 @@ class DeadLetters:
         On RabbitMQ up to 200 publishes go out before their confirms are awaited together, so
         ``progress`` hears of replayed dead letters a batch at a time.
 
+        Before anything is published, every queue is read through: a queue that does not exist
+        (:class:`QueueNotFound`), one that holds a message that is not a dead letter
+        (:class:`NotADeadLetterQueue`) or an ``id`` that matches nothing
+        (:class:`DeadLetterNotFound`) raises, and nothing is replayed. A message that is not a
+        dead letter found while replaying (it arrived meanwhile) stops the replay there.
+
         ``dry_run``: publish nothing, remove nothing; the report counts what would be replayed.
         ``allow_pickle``: pickle-serialised messages are refused (left in place, counted in
         ``refused``) unless this is true, since unpickling runs code chosen by whoever could
@@ -1197,9 +1514,13 @@ class DeadLetters:
             print(f"{report.replayed} replayed, {report.refused} refused")
         """
         _check_limit(limit)
+        _check_reason(reason)
         if to_queue is not None and to_queue in self.queues:
             raise ValueError(f"to_queue {to_queue!r} is one of the dead-letter queues replayed")
         match = _Filter(task, id, reason)
+        self._check_queues()
+        if not self._survey(match) and id is not None:
+            raise DeadLetterNotFound(id, self.queues, _filters_text(task, reason))
         counts = dict.fromkeys(("examined", "matched", "replayed", "refused"), 0)
 
         def report() -> ReplayReport:
@@ -1226,7 +1547,11 @@ class DeadLetters:
                     if limited():
                         break
                     with self._reading(queue, stream=True) as reader:
-                        for message, letter in self._letters(queue, reader):
+                        for message, letter in self._messages(queue, reader):
+                            if letter is None:  # arrived since the survey: stop, touch nothing
+                                if publisher is not None:
+                                    publisher.flush()  # what is in flight are dead letters
+                                raise _Stranger(queue, _described(message))
                             counts["examined"] += 1
                             if not match(letter):
                                 tell(letter, "skipped")
@@ -1254,6 +1579,8 @@ class DeadLetters:
                 report(),
                 letter,
             ) from failure.cause
+        except _Stranger as stranger:
+            raise NotADeadLetterQueue(stranger.queue, stranger.found, report()) from None
         return report()
 
     @contextmanager
@@ -1282,10 +1609,16 @@ class DeadLetters:
     ) -> PurgeReport:
         """Remove the matching dead letters for good; every other message stays.
 
-        With no filter at all, every dead letter in the queues is removed (a message that is
-        neither an envelope nor a task message is left alone). ``only`` removes exactly those
-        dead letters (as :meth:`list` returned them, each once) that are still there, and
-        nothing that arrived since: what to purge after asking someone about a list.
+        With no filter at all, every dead letter in the queues is removed. ``only`` removes
+        exactly those dead letters (as :meth:`list` returned them, each once) that are still
+        there, and nothing that arrived since: what to purge after asking someone about a list.
+
+        Before anything is removed, every queue is read through: a queue that does not exist
+        (:class:`QueueNotFound`), one that holds a message that is not a dead letter
+        (:class:`NotADeadLetterQueue`: a live task queue named by mistake) or an ``id`` that
+        matches nothing (:class:`DeadLetterNotFound`) raises, and nothing is removed. A message
+        that is not a dead letter found while purging (it arrived meanwhile) stops the purge
+        there; it is never removed.
 
         Example::
 
@@ -1297,13 +1630,20 @@ class DeadLetters:
                 DeadLetters(app).purge(only=shown)
         """
         _check_limit(limit)
+        _check_reason(reason)
         match = _Filter(task, id, reason)
         wanted = None if only is None else [_identity(letter) for letter in only]
+        self._check_queues()
+        if not self._survey(match) and id is not None:
+            raise DeadLetterNotFound(id, self.queues, _filters_text(task, reason))
         examined = purged = 0
         with closing(self._walk()) as walk:
             for reader, message, letter in walk:
                 if wanted is not None and not wanted:
                     break
+                if letter is None:  # arrived since the survey: stop, touch nothing
+                    report = PurgeReport(examined=examined, purged=purged)
+                    raise NotADeadLetterQueue(reader.queue, _described(message), report)
                 examined += 1
                 if not match(letter):
                     continue

@@ -1,8 +1,9 @@
 """Tasks for the dead-letter tools tests (``celery -A apps.tools_app dlq ...``).
 
 ``tools.flaky`` fails while a file exists (the bug) and succeeds once it is gone (the fix);
-the others are only ever dead-lettered by the tests, never run. Together they imply the
-dead-letter queues ``<queue>.dlq`` and ``<queue>.graveyard``.
+``tools.crash`` kills the pool process running it, every time (a worker_lost dead letter after
+``max_redeliveries``, 3); the others are only ever dead-lettered by the tests, never run.
+Together they imply the dead-letter queues ``<queue>.dlq`` and ``<queue>.graveyard``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ def flaky(self: Task, n: int, broken: str, log: str) -> int:
         raise ConnectionError(f"upstream down for {n}")
     record(self, log, n=n)
     return n
+
+
+@app.task(base=ResilientTask, bind=True, name="tools.crash")
+def crash(self: Task, log: str) -> None:
+    """Record the run, then die as a pool process killed under it would."""
+    record(self, log)
+    os._exit(1)
 
 
 @app.task(base=ResilientTask, name="tools.export")

@@ -27,7 +27,18 @@ from kombu import Queue
 from apps.base import ENV_SETTINGS
 from resilient_tasks import ResilientTask
 from resilient_tasks.deadletter import publish_envelope
-from resilient_tasks.dlq import DeadLetters, ReplayError, dead_letter_queues
+from resilient_tasks.dlq import (
+    REASONS,
+    DeadLetterNotFound,
+    DeadLetters,
+    NotADeadLetterQueue,
+    PurgeReport,
+    QueueNotFound,
+    ReplayError,
+    ReplayReport,
+    UnknownReason,
+    dead_letter_queues,
+)
 from resilient_tasks.envelope import FailedMessage, build_envelope
 from resilient_tasks.history import Attempt, History
 from support.brokers import Broker
@@ -110,6 +121,8 @@ def tools(broker: Broker, workers: WorkerRunner) -> Iterator[Tools]:
     settings = workers.settings(queue)
     client = Celery("dlq-tools-test")
     client.conf.update(settings)
+    # As the app of `celery -A apps.tools_app` does, the client implies the dead-letter queue.
+    client.task(base=ResilientTask, name="tools.export", shared=False)(noop)
     yield Tools(broker, workers, queue, settings, client)
     client.close()
 
@@ -639,3 +652,227 @@ def test_replay_killed_midway_loses_nothing(tools: Tools) -> None:
     # short, so fewer than KILL_AFTER may be readable on the target; its dead letter stays.)
     assert on_target, "nothing was replayed before the kill"
     assert in_dlq, "the replay was not killed partway"
+
+
+# --- mistakes: an error, never an empty answer or lost work (issue 24, item 6) ----------------
+
+
+def live(tools: Tools, count: int, queue: str | None = None) -> list[str]:
+    """Send ``count`` live task messages to ``queue`` (the test's task queue); return their ids."""
+    return [
+        tools.client.send_task("tools.export", args=[n], queue=queue or tools.queue).id
+        for n in range(count)
+    ]
+
+
+def assert_untouched(tools: Tools, queue: str, ids: list[str]) -> None:
+    """``queue`` holds exactly the live tasks ``ids``, as they were sent (none republished)."""
+    messages = tools.take_all(queue)
+    assert sorted(m.headers["id"] for m in messages) == sorted(ids)
+    assert not [m for m in messages if "resilient_replays" in m.headers], "republished"
+
+
+def test_purge_and_replay_refuse_a_live_task_queue_and_remove_nothing(tools: Tools) -> None:
+    ids = live(tools, 3)
+
+    purged = tools.cli("purge", "--queue", tools.queue, "--yes")
+    replayed = tools.cli("replay", "--queue", tools.queue)
+    dry_run = tools.cli("replay", "--queue", tools.queue, "--dry-run")
+    listed = tools.cli("list", "--queue", tools.queue)
+    with pytest.raises(NotADeadLetterQueue) as purge_refused:
+        tools.letters(tools.queue).purge()
+    with pytest.raises(NotADeadLetterQueue) as replay_refused:
+        tools.letters(tools.queue).replay()
+    with pytest.raises(NotADeadLetterQueue):
+        tools.letters(tools.dlq, tools.queue).check()
+
+    for run in (purged, replayed, dry_run):
+        assert run.returncode == 1, f"{run.stdout}\n{run.stderr}"
+        assert f"{tools.queue} holds a task message tools.export[" in run.stderr
+        assert "not a dead letter" in run.stderr
+        assert "Nothing was changed" in run.stderr
+        assert "Purged" not in run.stdout
+        assert "Replayed" not in run.stdout
+    assert listed.returncode == 1
+    assert f"{tools.queue} holds 3 messages that are not dead letters" in listed.stderr
+    assert "No dead letters" not in listed.stdout, "an all-clear"
+    assert purge_refused.value.queue == replay_refused.value.queue == tools.queue
+    assert_untouched(tools, tools.queue, ids)
+
+
+def test_replay_and_purge_check_every_queue_before_changing_any(tools: Tools) -> None:
+    (letter,) = bury(tools, "tools.export")
+    ids = live(tools, 2)
+
+    run = tools.cli("replay", "--queue", tools.dlq, "--queue", tools.queue)
+    purged = tools.cli("purge", "--queue", tools.dlq, "--queue", tools.queue, "--yes")
+    with pytest.raises(NotADeadLetterQueue):
+        tools.letters(tools.dlq, tools.queue).purge()
+
+    assert (run.returncode, purged.returncode) == (1, 1)
+    assert ids_of(tools.letters().list()) == [letter], "the dead letter was touched"
+    assert_untouched(tools, tools.queue, ids)
+
+
+def test_a_live_task_found_midway_is_neither_republished_nor_removed(
+    tools: Tools, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message that is not a dead letter, reaching the queue after the check that runs first,
+    stops a replay or a purge there: it and what follows stay where they are."""
+    # The message arrives after the check that reads every queue first (raising=False: the old
+    # code, without that check, fails on what follows, not here).
+    monkeypatch.setattr(DeadLetters, "_survey", lambda self, match: 1, raising=False)
+    (first,) = bury(tools, "tools.export")
+    time.sleep(0.01)  # the filesystem transport orders messages by the millisecond
+    (stranger,) = live(tools, 1, queue=tools.dlq)
+    time.sleep(0.01)
+    (last,) = bury(tools, "tools.export")
+
+    with pytest.raises(NotADeadLetterQueue) as replay_stopped:
+        tools.letters().replay()
+    with pytest.raises(NotADeadLetterQueue) as purge_stopped:
+        tools.letters().purge()
+
+    assert replay_stopped.value.report == ReplayReport(examined=1, matched=1, replayed=1)
+    assert purge_stopped.value.report == PurgeReport(examined=0, purged=0)
+    assert f"tools.export[{stranger}]" in str(purge_stopped.value)
+    assert [m.headers["id"] for m in tools.take_all(tools.queue)] == [first]
+    kept = tools.take_all(tools.dlq)
+    assert [m.headers.get("id") for m in kept[:1]] == [stranger]
+    assert [json.loads(m.body)["task"]["id"] for m in kept[1:]] == [last]
+
+
+@pytest.mark.parametrize("command", ["list", "show", "replay", "purge"])
+def test_a_queue_that_does_not_exist_is_an_error_naming_it(tools: Tools, command: str) -> None:
+    bury(tools, "tools.export")
+    typo = f"{tools.queue}.dql"
+    args = {"show": ["show", "some-id"], "purge": ["purge", "--yes"]}.get(command, [command])
+
+    run = tools.cli(*args, "--queue", typo)
+    with pytest.raises(QueueNotFound) as raised:
+        getattr(tools.letters(typo), "get" if command == "show" else command)(
+            *(["some-id"] if command == "show" else [])
+        )
+
+    assert run.returncode == 1, f"{run.stdout}\n{run.stderr}"
+    assert f"no queue '{typo}' on the broker" in run.stderr
+    assert tools.dlq in run.stderr  # the app's dead-letter queues, for the typo
+    assert "No dead letters" not in run.stdout
+    assert raised.value.queue == typo
+    assert not tools.letters().exists(typo), "the check created the queue"
+    assert tools.letters().count() == 1
+
+
+def test_an_existing_empty_dead_letter_queue_is_an_empty_answer(tools: Tools) -> None:
+    bury(tools, "tools.export")
+    assert tools.letters().purge().purged == 1  # empty now: on Redis the list is gone
+
+    listed = ok(tools.cli("list", "--queue", tools.dlq))
+    as_json = ok(tools.cli("list", "--queue", tools.dlq, "--json"))
+    replayed = ok(tools.cli("replay", "--queue", tools.dlq))
+    purged = ok(tools.cli("purge", "--queue", tools.dlq, "--yes"))
+
+    assert f"No dead letters in {tools.dlq}." in listed.stdout
+    assert as_json.stdout == ""
+    assert "Replayed 0 dead letters" in replayed.stdout
+    assert "nothing purged" in purged.stdout
+    assert tools.letters().list() == []
+
+
+def test_an_empty_queue_bound_to_its_exchange_exists_and_a_typo_does_not(tools: Tools) -> None:
+    """Redis keeps no list for an empty queue and the filesystem no file: what is left of a
+    declared task queue is its binding, in Kombu's binding sets or exchange tables."""
+    live(tools, 1)  # declares the task queue, bound to its exchange
+    tools.take_all(tools.queue)  # and empties it
+    letters = tools.letters()
+
+    assert tools.queue not in letters.implied
+    assert letters.exists(tools.queue)
+    assert not letters.exists(f"{tools.queue}-typo")
+    assert letters.exists(tools.dlq)  # the app's own: empty until something fails
+    listed = ok(tools.cli("list", "--queue", tools.queue))
+    assert f"No dead letters in {tools.queue}." in listed.stdout
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_a_declared_empty_queue_the_routes_do_not_imply_is_an_empty_answer(tools: Tools) -> None:
+    other = f"{tools.broker.queue_name('bulk')}.dlq"
+    tools.broker.extra_cleanup.append(other)
+    with tools.client.connection_for_write() as conn:
+        Queue(other, durable=True, channel=conn.default_channel).declare()
+
+    listed = ok(tools.cli("list", "--queue", other))
+
+    assert f"No dead letters in {other}." in listed.stdout
+    assert tools.letters(other).list() == []
+
+
+def test_an_id_that_matches_nothing_is_an_error_and_changes_nothing(tools: Tools) -> None:
+    ids = bury(tools, "tools.export", count=2)
+
+    runs = {
+        "list": tools.cli("list", "--id", "no-such-id"),
+        "replay": tools.cli("replay", "--id", "no-such-id"),
+        "purge": tools.cli("purge", "--id", "no-such-id", "--yes"),
+        "filtered": tools.cli("replay", "--id", ids[0], "--task", "tools.login"),
+    }
+    with pytest.raises(DeadLetterNotFound) as replay_raised:
+        tools.letters().replay(id="no-such-id")
+    with pytest.raises(DeadLetterNotFound):
+        tools.letters().purge(id="no-such-id")
+
+    for name, run in runs.items():
+        assert run.returncode == 1, f"{name}: {run.stdout}\n{run.stderr}"
+        assert ("no-such-id" if name != "filtered" else ids[0]) in run.stderr, name
+    assert "Replayed" not in runs["replay"].stdout
+    assert replay_raised.value.id == "no-such-id"
+    assert tools.letters().list(id="no-such-id") == []  # a query: an empty answer
+    assert sorted(ids_of(tools.letters().list())) == sorted(ids)
+    assert tools.depth(tools.queue) == 0
+
+
+def test_an_unknown_reason_is_refused_and_every_known_one_accepted(tools: Tools) -> None:
+    bury(tools, "tools.export", reason="retries_exhausted")
+
+    runs = [
+        tools.cli(command, "--reason", "retries_exhuasted", *extra)
+        for command, extra in (("list", []), ("replay", []), ("purge", ["--yes"]))
+    ]
+    broker_reason = ok(tools.cli("list", "--reason", "delivery_limit"))
+    with pytest.raises(UnknownReason):
+        tools.letters().purge(reason="retries_exhuasted")
+
+    for run in runs:
+        assert run.returncode == 2
+        assert "'retries_exhuasted' is not one of" in run.stderr
+    assert "No dead letters" in broker_reason.stdout
+    for reason in ("exception", "retries_exhausted", "deadline_exceeded", "permanent",
+                   "soft_time_limit", "hard_time_limit", "worker_lost", "retry_budget_exhausted",
+                   "expired", "rejected", "maxlen", "delivery_limit"):  # fmt: skip
+        assert reason in REASONS
+        tools.letters().list(reason=reason)
+    assert len(tools.letters().list(reason="retries_exhausted")) == 1
+    assert tools.depth(tools.dlq) == 1
+
+
+# --- redeliveries (issue 24, item 4) ----------------------------------------------------------
+
+
+def test_list_shows_how_often_a_lost_worker_message_was_redelivered(tools: Tools) -> None:
+    worker = tools.workers.start(APP, queues=[tools.queue])
+    result = worker.send("tools.crash")
+    worker.wait_for(lambda: len(tools.letters().list()) == 1, timeout=60, what="the dead letter")
+
+    table = ok(tools.cli("list"))
+    as_json = ok(tools.cli("list", "--json"))
+
+    (letter,) = tools.letters().list()
+    runs = [a for a in worker.attempts() if a["id"] == result.id]
+    assert len(runs) == 4  # the first run and max_redeliveries=3 more
+    assert (letter.reason, letter.attempts, letter.redeliveries) == ("worker_lost", 1, 3)
+    header, row = lines(table)[:2]
+    assert header.split()[-2:] == ["ATTEMPTS", "REDELIVERED"]
+    assert row.split()[0] == result.id
+    assert row.split()[-2:] == ["1", "3"]
+    (envelope,) = [json.loads(line) for line in lines(as_json)]
+    assert envelope["task"]["id"] == result.id

@@ -122,6 +122,10 @@ class DeadLetterMixin(_TaskBase):  # type: ignore[misc]
     (a corrupt body, a content type it does not accept) is dead-lettered too, by this mixin's
     ``Strategy`` (:mod:`resilient_tasks.strategy`), where Celery would drop it.
 
+    Its messages go without the broker TTL (AMQP ``expiration``) that Celery derives from
+    ``expires``: RabbitMQ would drop an expired one unseen, its result ``PENDING`` for ever; the
+    worker that receives it marks it ``REVOKED`` instead (:mod:`resilient_tasks._expiry`).
+
     Example::
 
         from celery import Celery, Task

@@ -3,7 +3,8 @@
 * ``filesystem``: Kombu's filesystem transport with the library's atomic writes
   (:mod:`resilient_tasks.filesystem`) in the test's temporary folder. No server.
 * ``rabbitmq``: ``amqp://guest:guest@127.0.0.1:5672//`` (``RT_TEST_RABBITMQ_URL`` overrides).
-* ``redis``: ``redis://127.0.0.1:6379/0`` (``RT_TEST_REDIS_URL`` overrides).
+* ``redis``: ``redis://127.0.0.1:6379/0`` (``RT_TEST_REDIS_URL`` overrides); under
+  pytest-xdist each test process has its own database number.
 
 A server that does not answer skips its tests with the reason, except with ``CI=true``, where it
 fails them: CI must not go green by testing nothing.
@@ -23,7 +24,20 @@ from kombu import Connection
 from resilient_tasks.filesystem import TRANSPORT, transport_options
 
 RABBITMQ_URL = os.environ.get("RT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
-REDIS_URL = os.environ.get("RT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _redis_url() -> str:
+    """Database 0, or under pytest-xdist database N + 1 for test process ``gwN``: a test that
+    looks at the whole database (result keys, leftovers) sees only its own process's."""
+    url = os.environ.get("RT_TEST_REDIS_URL")
+    if url:
+        return url
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    database = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
+    return f"redis://127.0.0.1:6379/{database}"
+
+
+REDIS_URL = _redis_url()
 BROKERS = ("filesystem", "rabbitmq", "redis")
 
 

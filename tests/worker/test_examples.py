@@ -127,6 +127,7 @@ def redis_results(broker: Broker) -> set[bytes]:
         return set(conn.default_channel.client.scan_iter(match="celery-task-meta-*"))
 
 
+@pytest.mark.xdist_group("celery-delayed-delivery")  # see test_native_dead_letters.py
 @pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
 def test_rabbitmq_example_dead_letters_both_ways_and_replays(
     broker: Broker, tmp_path: Path

@@ -40,7 +40,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=9,
-        help="rounds of the success variants (their ratio swings by several percent a round)",
+        help="rounds of the success variants (a round's ratio is noisy on shared cores: the "
+        "median of many is steadier)",
     )
     parser.add_argument(
         "--failure-rounds",

@@ -1,7 +1,8 @@
 """CPU time per task, by process: the worker's main process, its pool children and the broker.
 
-``python -m benchmarks.cpu`` (not part of ``nox -s bench``; it is the budget behind *Reading
-the figures* in ``docs/benchmarks.md``). For each variant: a fresh queue, one
+``python -m benchmarks.cpu`` (not part of ``nox -s bench``; it gives the CPU budget in
+``docs/benchmark-notes.md``: which process a failure's cost lands in, and how much is the
+broker's). For each variant: a fresh queue, one
 ``celery worker -P prefork -c 2`` started on it and left idle for a second, then ``--tasks``
 messages published and the CPU time (user + system, from ``/proc/<pid>/stat``) that each
 process used from the first message published until the last task was done (for the

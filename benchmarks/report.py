@@ -103,6 +103,8 @@ def _mark(value: float | None, target: float, *, below: bool = False) -> str:
 
 
 def markdown(summary: dict[str, Any], chart: str | None) -> str:
+    """The figures section of ``docs/benchmarks.md``: what ran, the results tables, the chart,
+    then this run's per-round ratios and profiles folded away (the page explains the rest)."""
     machine, config = summary["machine"], summary["config"]
     lines = [
         f"Produced by `{summary['command']}` on {summary['generated_at'][:16].replace('T', ' ')}"
@@ -118,6 +120,9 @@ def markdown(summary: dict[str, Any], chart: str | None) -> str:
         f"`celery worker -P prefork -c {config['concurrency']}`, prefetch "
         f"{config['prefetch']} per process, `--loglevel={config['loglevel']}`, events "
         f"{'connected' if config['events'] else 'not available'}. Medians over rounds.",
+        "",
+        "**Success path**, tasks a second (a *ratio* is the median over rounds of the "
+        "resilient rate over the plain rate of the same round):",
         "",
         "| broker | plain tasks/s | resilient tasks/s | ratio (≥ 0.97) "
         "| resilient, events off | ratio | plain, events on | resilient / plain, both "
@@ -153,25 +158,25 @@ def markdown(summary: dict[str, Any], chart: str | None) -> str:
             )
             + ".",
         ]
-    for broker, t in throughput.items():
-        lines += [
-            "",
-            f"Ratio per round on {broker}: "
-            + ", ".join(f"{x:.3f}" for x in t["ratio_per_round"])
-            + (
-                f" (quartiles {t['ratio_quartiles'][0]:.3f} and {t['ratio_quartiles'][1]:.3f})"
-                if t.get("ratio_quartiles")
-                else ""
-            ),
-        ]
+    spread = [
+        f"from {min(t['ratio_per_round']):.3f} to {max(t['ratio_per_round']):.3f} on {broker}"
+        + (
+            f" (quartiles {t['ratio_quartiles'][0]:.3f} and {t['ratio_quartiles'][1]:.3f})"
+            if t.get("ratio_quartiles")
+            else ""
+        )
+        for broker, t in throughput.items()
+        if t["ratio_per_round"]
+    ]
+    if spread:
+        lines += ["", "A single round's ratio ranged " + "; ".join(spread) + "."]
     lines += [
         "",
-        "**Failure path and replay** (permanent failures; *Celery failures* is a plain "
-        "`celery.Task` raising, logged and nothing else, timed at its last task; "
-        "*without DLQ* is a `ResilientTask` raising `Permanent` with `dead_letter=False`, timed "
-        "the same way; *dead-lettered* is the same task dead-lettering, timed until the "
-        "dead-letter queue holds every envelope; replay republishes those envelopes with "
-        "publisher confirms):",
+        "**Failure path and replay**, per second: *Celery failures* is a plain `celery.Task` "
+        "that raises; *without DLQ* a `ResilientTask` raising `Permanent` with "
+        "`dead_letter=False`; *dead-lettered* the same task dead-lettering, timed until the "
+        "dead-letter queue holds every envelope; *replay* republishes those envelopes with "
+        "publisher confirms:",
         "",
         "| broker | Celery failures/s | without DLQ/s | dead-lettered/s "
         "| vs resilient success (≥ 0.5) | vs Celery failures | replay msg/s (≥ 1000) |",
@@ -235,11 +240,11 @@ def markdown(summary: dict[str, Any], chart: str | None) -> str:
         lines += [
             "",
             "**Retry storm**, the baseline: tasks each retried once with a 3600 s countdown "
-            "through Celery's own retry (an ETA message the receiving worker holds in memory). "
-            "VmRSS growth of the main process (which holds the ETA messages) and of the two pool "
-            "children (a roughly fixed high-water mark of the retry path, the same with Celery's "
-            "autoretry); *held* is how many retries the worker had pulled in when measured, "
-            "*probe wait* how long ordinary tasks published after the storm waited to start:",
+            "through Celery's own retry, which the receiving worker holds in memory. *held*: "
+            "the retries the worker had pulled in when measured; *main growth*: VmRSS growth of "
+            "the main process, which holds them; *children growth*: the two pool children's, a "
+            "one-off high-water mark of the retry path; *probe wait*: how long ordinary tasks "
+            "published after the storm waited to start:",
             "",
             "| broker | tasks | held | main growth | per held retry | children growth "
             "| probe wait |",
@@ -258,6 +263,29 @@ def markdown(summary: dict[str, Any], chart: str | None) -> str:
                 f"| {s['children_growth_kib'] / 1024:,.1f} MiB "
                 f"| {f'{wait:.1f} s' if wait is not None else 'did not start'} |"
             )
+    if summary.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in summary["skipped"].items())]
+    if chart:
+        lines += ["", f"![benchmarks]({chart})"]
+    details = _details(summary)
+    if details:
+        # Folded: the raw material behind the tables, for whoever digs (a collapsed admonition,
+        # pymdownx.details; its body is indented).
+        lines += ["", '??? info "Rounds and profiles of this run"']
+        lines += [f"    {line}" if line else "" for line in details]
+    return "\n".join(lines)
+
+
+def _details(summary: dict[str, Any]) -> list[str]:
+    """Every round's ratio and the profiles of the run: what the results tables are read from."""
+    lines: list[str] = []
+    for broker, t in summary["throughput"].items():
+        if not t["ratio_per_round"]:
+            continue
+        lines += [
+            "",
+            f"Ratio per round on {broker}: " + ", ".join(f"{x:.3f}" for x in t["ratio_per_round"]),
+        ]
     profile = summary.get("profile") or {}
     attribution = profile.get("attribution")
     if attribution:
@@ -294,11 +322,7 @@ def markdown(summary: dict[str, Any], chart: str | None) -> str:
         ]
         for row in spy["library_frames_inclusive"][:8]:
             lines.append(f"| `{row['frame']}` | {row['percent']:.1f} |")
-    if summary.get("skipped"):
-        lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in summary["skipped"].items())]
-    if chart:
-        lines += ["", f"![benchmarks]({chart})"]
-    return "\n".join(lines)
+    return lines[1:]  # without the blank line before the first
 
 
 def write_docs(page: Path, section: str) -> None:

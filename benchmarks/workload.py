@@ -4,8 +4,9 @@ How a run is timed (the same for every variant):
 
 1. the run's messages are published to a fresh queue *before* any worker consumes it;
 2. a ``celery worker -P prefork -c 2`` is started on that queue (its start-up is not timed);
-3. every task body counts itself in a memory-mapped slot file (``apps.bench_app.tick``: about a
-   microsecond, no broker, no result backend); the run starts at the first task's tick;
+3. every task body counts itself in a memory-mapped slot file (``apps.bench_app.tick``: a
+   write to shared memory, no broker, no result backend, so the clock costs every variant the
+   same, and little); the run starts at the first task's tick;
 4. a success run ends at the last task's tick; a failure run ends when the dead-letter queue
    holds every envelope (polled every 20 ms: the envelope is published by the worker's main
    process after the task body, so the body's tick would stop the clock too early).

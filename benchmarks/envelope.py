@@ -29,8 +29,8 @@ from celery.app.trace import build_tracer
 from kombu.message import Message
 from kombu.serialization import dumps
 
-from resilient_tasks import Permanent, ResilientTask, RetryPolicy
-from resilient_tasks.request import ResilientRequest
+from resilient_tasks import Permanent, ResilientTask, RetryPolicy, deadletter, retry
+from resilient_tasks.worker import ResilientRequest
 
 
 def failed_request() -> tuple[ResilientRequest, Any, Any]:
@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=5000, help="envelopes to build")
     args = parser.parse_args(argv)
     request, exc, einfo = failed_request()
-    reason = request._give_up_reason(exc, einfo)
+    reason = retry.give_up_reason(request, exc, einfo)
     began = time.perf_counter()
     for _ in range(args.count):
-        request._envelope(exc, einfo, reason)
+        deadletter._envelope(request, exc, einfo, reason)
     if args.count:
         seconds = time.perf_counter() - began
         print(f"{args.count} envelopes: {seconds / args.count * 1e6:.1f} us each")

@@ -1,11 +1,12 @@
 """Instructions per task, counted by Valgrind's callgrind: a cost that does not move with the
 machine's load, so that variants differing by a fraction of a percent can be told apart.
 
-Not part of ``nox -s bench`` (it needs ``valgrind`` and takes minutes). Two places to count:
+Not part of ``nox -s bench``: it needs ``valgrind``, under which a program runs many times
+slower. Three places to count:
 
-* ``inprocess`` (about 40 s a variant): Celery's tracer in one process, as
-  :mod:`benchmarks.inprocess` runs it, ``--tasks`` calls less none (so the imports and the
-  set-up cancel out). It splits the cost by part:
+* ``inprocess``: Celery's tracer in one process, as :mod:`benchmarks.inprocess` runs it,
+  ``--tasks`` calls less none (so the imports and the set-up cancel out). It splits the cost
+  by part:
 
   - ``plain``, ``resilient``: the task without events;
   - ``plain_receivers``: the plain task with a no-op receiver on ``task_prerun`` and
@@ -18,15 +19,16 @@ Not part of ``nox -s bench`` (it needs ``valgrind`` and takes minutes). Two plac
   - ``resilient_events_logged``: the same as ``resilient_events`` at INFO, every event
     rendered as JSON into ``os.devnull``.
 
-* ``steps`` (about 40 s a count): what each of the library's steps costs a
-  ``resilient_library_events`` task (``connect(plain_tasks=False)``, at WARNING) in the tracer,
-  counted with the garbage collector off (its passes would move the small differences): the
-  task whole, then with one step taken out at a time (:data:`STEPS`), and the plain task.
+* ``steps``: what each of the library's steps costs a ``resilient_library_events`` task
+  (``connect(plain_tasks=False)``, at WARNING) in the tracer, counted with the garbage
+  collector off (its passes would move the small differences): the task whole, then with one
+  step taken out at a time (:data:`STEPS`), and the plain task.
 
-* ``worker`` (a few minutes a variant): a real ``celery worker -P prefork -c 2`` on the broker
-  (the main process and both pool children, every file callgrind writes), run once with
-  ``--warmup`` tasks and once with ``--warmup`` + ``--tasks``, started after the messages are
-  published and stopped warm once the last is done; the difference over ``--tasks``.
+* ``worker`` (the slowest: a whole worker under callgrind, twice a variant): a real
+  ``celery worker -P prefork -c 2`` on the broker (the main process and both pool children,
+  every file callgrind writes), run once with ``--warmup`` tasks and once with ``--warmup`` +
+  ``--tasks``, started after the messages are published and stopped warm once the last is
+  done; the difference over ``--tasks``.
   Variants: ``plain``, ``resilient`` (events connected), ``resilient_no_events``,
   ``plain_events``, ``resilient_library_events`` (``connect(plain_tasks=False)``), as in
   :mod:`benchmarks.cpu`. It reports the main process apart (valgrind
@@ -108,21 +110,21 @@ STEPS = {
 
 def _take_out(step: str) -> None:
     """Take ``step`` (one of :data:`STEPS`) out of the library, in this process only."""
-    from resilient_tasks import _call, observability
+    from resilient_tasks import _steps, observability
 
     if step == "binding":
         observability._bind_keys = lambda described: ()
     elif step == "attempt":
 
         def before(self: Any, request: Any) -> tuple[None, None, Any]:
-            return None, None, self._rt_bind(request)
+            return None, None, self._step_bind(request)
 
         def after(self: Any, started: tuple[Any, Any, Any]) -> None:
             if started[2] is not None:
-                self._rt_unbind(started[2])
+                self._step_unbind(started[2])
 
-        _call.StepsMixin._rt_before = before
-        _call.StepsMixin._rt_after = after
+        _steps.StepsMixin._step_before = before
+        _steps.StepsMixin._step_after = after
     elif step == "after_return":
         del observability.ObservabilityMixin.after_return
     elif step == "started":

@@ -34,7 +34,8 @@ from celery.utils.log import get_task_logger
 from embedded_worker import report_ready_in, start_worker, stop_worker, wait_for_dead_letters
 from kombu.utils.url import maybe_sanitize_url
 
-from resilient_tasks import Permanent, ResilientTask, filesystem
+from resilient_tasks import Permanent, ResilientTask
+from resilient_tasks.dev import filesystem
 from resilient_tasks.dlq import DeadLetters
 
 # The worker subprocess imports this module too; the parent passes the folder and queue on.

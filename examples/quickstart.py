@@ -31,7 +31,8 @@ from celery.utils.log import get_task_logger
 from embedded_worker import report_ready_in, start_worker, stop_worker
 from tenacity import wait_exponential
 
-from resilient_tasks import ResilientTask, RetryAfter, RetryPolicy, filesystem
+from resilient_tasks import ResilientTask, RetryAfter, RetryPolicy
+from resilient_tasks.dev import filesystem
 from resilient_tasks.dlq import DeadLetters
 from resilient_tasks.history import History
 

@@ -3,13 +3,13 @@
 For every failure and every retry, Celery's tracer returns a billiard ``ExceptionInfo`` from the
 pool child: the exception, the traceback as text (``traceback``) and the traceback as objects
 (``tb``). To make the objects picklable billiard copies every frame, each with its code's whole
-bytecode position table; Celery's own tracer frame alone is about 30 KB. Pickling that in the
-child and unpickling it in the main process (single-threaded, it sets the pace of the whole
-worker) costs about half a millisecond per failure, several times what dead-lettering itself
-costs there.
+bytecode position table (since Python 3.11), so a failure's message grows with every frame of
+the stack, Celery's large tracer frame included. The main process unpickles it, and it is
+single-threaded: it sets the pace of the whole worker, so what it unpickles for nothing is paid
+by every task (measured in docs/benchmark-notes.md).
 
 Nothing in the main process reads the objects: Celery's ``Request`` uses the exception and the
-text, and so does :class:`~resilient_tasks.request.ResilientRequest` for the envelope. The child
+text, and so does :class:`~resilient_tasks.worker.ResilientRequest` for the envelope. The child
 has already used them by then (the task's ``on_failure`` / ``on_retry``, ``task_failure`` /
 ``task_retry`` receivers and Celery's own error log line run before the result is sent). So for
 the library's tasks the ``ExceptionInfo`` leaves its frames behind when it is pickled: the main
@@ -23,7 +23,7 @@ from typing import Any
 from billiard.einfo import ExceptionInfo
 from celery import signals
 
-from ._call import StepsMixin
+from ._steps import StepsMixin
 
 __all__ = ["SentWithoutFrames", "leave_frames_behind"]
 

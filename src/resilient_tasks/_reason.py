@@ -7,7 +7,7 @@ is replaced by a stand-in (the nearest base class that pickles, or an
 ``UnpickleableExceptionWrapper`` naming the class), and one whose ``__reduce__`` leaves its
 ``__dict__`` behind loses it. :func:`recorded` tells those apart (``None``) and
 :func:`as_raised` rebuilds what the task raised, so the main process can make the decision
-again (:meth:`resilient_tasks.request.ResilientRequest.on_failure`).
+again (:meth:`resilient_tasks.worker.ResilientRequest.on_failure`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import cast
 
 from celery.utils.serialization import UnpickleableExceptionWrapper
 
-from .policy import Reason
+from .decide import Reason
 
 _ATTRIBUTE = "_resilient_tasks_reason"
 

@@ -4,18 +4,18 @@ Each mixin contributes a step (a method below, a no-op here) instead of a ``__ca
 its own, so a task built on any combination of them pays for one call frame whatever the order
 of its bases, and the steps always run in the same order:
 
-1. ``_rt_bind`` (:class:`~resilient_tasks.ObservabilityMixin`): the task's identity in
-   structlog's contextvars, undone by ``_rt_unbind``;
+1. ``_step_bind`` (:class:`~resilient_tasks.ObservabilityMixin`): the task's identity in
+   structlog's contextvars, undone by ``_step_unbind``;
 2. the body; then, if it raised (``Retry``, ``Ignore`` and ``Reject`` are Celery's control flow,
    not failures):
-3. ``_rt_soft_time_limit`` (:class:`~resilient_tasks.TimeLimitMixin`): cleanup when the soft
+3. ``_step_soft_time_limit`` (:class:`~resilient_tasks.TimeLimitMixin`): cleanup when the soft
    limit struck;
-4. ``_rt_settle`` (:class:`~resilient_tasks.RetryMixin`): the policy's decision; a retry is
+4. ``_step_settle`` (:class:`~resilient_tasks.RetryMixin`): the policy's decision; a retry is
    scheduled through ``Task.retry`` (which raises ``Retry``), a terminal failure is marked with
    its reason;
-5. ``_rt_retried`` or ``_rt_gave_up`` (:class:`~resilient_tasks.FailureHooksMixin`): the hooks.
+5. ``_step_retried`` or ``_step_gave_up`` (:class:`~resilient_tasks.FailureHooksMixin`): the hooks.
 
-``_rt_retries_not_raised`` (:class:`~resilient_tasks.RetryMixin`) runs only when the call
+``_step_retries_not_raised`` (:class:`~resilient_tasks.RetryMixin`) runs only when the call
 handed a retry to the worker's main process and that retry is not what leaves the body (the
 body caught it): the retry is then published where Celery would have published it.
 
@@ -66,91 +66,91 @@ def _next_call_is_celerys(cls: type) -> bool:
 class StepsMixin(_TaskBase):  # type: ignore[misc]
     """The shared ``__call__`` (see the module docstring); the base of every library mixin."""
 
-    _rt_run_directly = False
+    _step_run_directly = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._rt_run_directly = _next_call_is_celerys(cls)
+        cls._step_run_directly = _next_call_is_celerys(cls)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Kept short on purpose: billiard copies the position table of every frame of a failed
         # task's traceback into what the pool child sends its main process (the bigger this
         # function's bytecode, the more every failure and retry costs), so the handling of a
-        # raised exception lives in _rt_raised.
+        # raised exception lives in _step_raised.
         request = self.request
         if request.called_directly or request.id == _running_id.get():
             # A plain function call, outside a task or nested inside the run of this very
             # request: Celery's own (which pushes the call's own request), nothing else.
             return super().__call__(*args, **kwargs)
-        body = self.run if self._rt_run_directly else super().__call__
-        started = self._rt_before(request)
+        body = self.run if self._step_run_directly else super().__call__
+        started = self._step_before(request)
         try:
             outcome = body(*args, **kwargs)
         except Exception as exc:
-            self._rt_raised(exc, request)
+            self._step_raised(exc, request)
             raise
         finally:
-            self._rt_after(started)
+            self._step_after(started)
         if HANDED_OVER in request.__dict__:  # the body caught the retry it asked for
-            self._rt_retries_not_raised(request, None)
+            self._step_retries_not_raised(request, None)
         return outcome
 
-    def _rt_before(self, request: Any) -> tuple[Token[float | None], Token[str | None], Any]:
+    def _step_before(self, request: Any) -> tuple[Token[float | None], Token[str | None], Any]:
         return (
             attempt_started.set(time.time()),
             _running_id.set(request.id),
-            self._rt_bind(request),
+            self._step_bind(request),
         )
 
-    def _rt_after(self, started: tuple[Token[float | None], Token[str | None], Any]) -> None:
+    def _step_after(self, started: tuple[Token[float | None], Token[str | None], Any]) -> None:
         token, running, binding = started
         attempt_started.reset(token)
         _running_id.reset(running)
         if binding is not None:
-            self._rt_unbind(binding)
+            self._step_unbind(binding)
 
-    def _rt_raised(self, exc: Exception, request: Any) -> None:
+    def _step_raised(self, exc: Exception, request: Any) -> None:
         """Run the steps for an exception out of the body; return to let it propagate as it is,
         or raise the ``Retry`` the policy scheduled."""
         if HANDED_OVER in request.__dict__:
-            self._rt_retries_not_raised(request, exc)
+            self._step_retries_not_raised(request, exc)
         if isinstance(exc, Retry):  # the body called self.retry() itself
             if isinstance(exc.exc, SoftTimeLimitExceeded):
-                self._rt_soft_time_limit(exc.exc)
-            self._rt_retried(exc)
+                self._step_soft_time_limit(exc.exc)
+            self._step_retried(exc)
             return
         if isinstance(exc, _CONTROL):
             return
         if isinstance(exc, SoftTimeLimitExceeded):
-            self._rt_soft_time_limit(exc)
+            self._step_soft_time_limit(exc)
         try:
-            self._rt_settle(exc)
+            self._step_settle(exc)
         except Retry as retry:
-            self._rt_retried(retry)
+            self._step_retried(retry)
             raise
-        self._rt_gave_up(exc)
+        self._step_gave_up(exc)
 
     # -- the steps (no-ops here; each mixin overrides its own) ----------------------------------
 
-    def _rt_bind(self, request: Any) -> Any:
-        """Bind what the call should carry; return what :meth:`_rt_unbind` needs, or None."""
+    def _step_bind(self, request: Any) -> Any:
+        """Bind what the call should carry; return what :meth:`_step_unbind` needs, or None."""
         return None
 
-    def _rt_unbind(self, binding: Any) -> None:
-        """Undo :meth:`_rt_bind`."""
+    def _step_unbind(self, binding: Any) -> None:
+        """Undo :meth:`_step_bind`."""
 
-    def _rt_retries_not_raised(self, request: Any, exc: Exception | None) -> None:
+    def _step_retries_not_raised(self, request: Any, exc: Exception | None) -> None:
         """The call ends with ``exc`` (``None``: it returned) after it handed retries over in
         ``request`` (under :data:`HANDED_OVER`): settle those that are not ``exc``."""
 
-    def _rt_soft_time_limit(self, exc: SoftTimeLimitExceeded) -> None:
+    def _step_soft_time_limit(self, exc: SoftTimeLimitExceeded) -> None:
         """The soft time limit struck during the body."""
 
-    def _rt_settle(self, exc: Exception) -> None:
+    def _step_settle(self, exc: Exception) -> None:
         """Decide what ``exc`` leads to: raise ``Retry`` for a retry, or return (terminal)."""
 
-    def _rt_retried(self, retry: Retry) -> None:
+    def _step_retried(self, retry: Retry) -> None:
         """A retry was scheduled."""
 
-    def _rt_gave_up(self, exc: Exception) -> None:
+    def _step_gave_up(self, exc: Exception) -> None:
         """``exc`` ends the task: no retry follows."""

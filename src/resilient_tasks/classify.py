@@ -24,12 +24,10 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any, Final, TypeAlias, TypeGuard
 
+from ._chain import Matcher, exception_chain, matches
+
 __all__ = ["MAX_RETRY_AFTER", "TRANSIENT_ERRORS", "TransientErrors", "retry_after_seconds"]
 
-#: A predicate over an exception: ``True`` means "this one matches".
-_Predicate: TypeAlias = Callable[[BaseException], bool]
-#: What a classifier can be extended with: exception types and/or predicates.
-_Matcher: TypeAlias = "type[BaseException] | _Predicate"
 #: One link's verdict: ``True`` transient, ``False`` known permanent, ``None`` no opinion.
 _Verdict: TypeAlias = "bool | None"
 
@@ -40,8 +38,6 @@ _Verdict: TypeAlias = "bool | None"
 #: leaves room for the prefetch queue and the task's own run time. A server that asks for longer
 #: is asked again after 15 minutes, and answers with a new ``Retry-After``.
 MAX_RETRY_AFTER: Final = 900.0
-
-_MAX_LINKS = 32
 
 #: ``OSError.errno`` values of a connection that was lost, refused, timed out or could not be
 #: routed. Most arrive as ``ConnectionError`` / ``TimeoutError`` subclasses already; the host and
@@ -145,23 +141,9 @@ def _is(exc: BaseException, module: str, *names: str) -> bool:
 
 
 def _links(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and every exception it wraps, each once, at most 32.
-
-    Follows ``__cause__``, ``__context__`` (unless hidden by ``raise ... from None``), SQLAlchemy's
-    ``.orig`` and an exception passed as the first argument (as httpcore wraps socket errors).
-    """
-    seen: set[int] = set()
-    pending = [exc]
-    while pending and len(seen) < _MAX_LINKS:
-        current = pending.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        context = None if current.__suppress_context__ else current.__context__
-        for linked in (*_wrapped(current), context, current.__cause__):
-            if isinstance(linked, BaseException) and id(linked) not in seen:
-                pending.append(linked)
+    """``exc`` and every exception it wraps: its chain, SQLAlchemy's ``.orig`` and an exception
+    passed as the first argument (as httpcore wraps socket errors)."""
+    return exception_chain(exc, wrapped=_wrapped)
 
 
 def _wrapped(exc: BaseException) -> tuple[object, ...]:
@@ -300,7 +282,7 @@ def _is_transient(exc: BaseException) -> bool:
     return transient
 
 
-def _describe(matcher: _Matcher) -> str:
+def _describe(matcher: Matcher) -> str:
     name = getattr(matcher, "__qualname__", None)
     return name if isinstance(name, str) else repr(matcher)
 
@@ -337,9 +319,9 @@ class TransientErrors:
 
     __slots__ = ("_also",)
 
-    _also: tuple[_Matcher, ...]
+    _also: tuple[Matcher, ...]
 
-    def __init__(self, *also: _Matcher) -> None:
+    def __init__(self, *also: Matcher) -> None:
         for matcher in also:
             if not _is_matcher(matcher):
                 raise TypeError(
@@ -353,7 +335,7 @@ class TransientErrors:
             return True
         if not self._also:
             return False
-        return any(_matches(matcher, link) for link in _links(exc) for matcher in self._also)
+        return any(matches(matcher, link) for link in _links(exc) for matcher in self._also)
 
     def __or__(self, other: object) -> TransientErrors:
         if isinstance(other, TransientErrors):
@@ -377,16 +359,10 @@ class TransientErrors:
         return " | ".join(["TRANSIENT_ERRORS", *(_describe(matcher) for matcher in self._also)])
 
 
-def _is_matcher(value: object) -> TypeGuard[_Matcher]:
+def _is_matcher(value: object) -> TypeGuard[Matcher]:
     if isinstance(value, type):
         return issubclass(value, BaseException)
     return callable(value)
-
-
-def _matches(matcher: _Matcher, exc: BaseException) -> bool:
-    if isinstance(matcher, type):
-        return isinstance(exc, matcher)
-    return bool(matcher(exc))
 
 
 #: The ready classifier: network, timeout, temporary DNS, HTTP 429/502/503/504, and broken

@@ -1,9 +1,10 @@
 """Where dead-lettering happens: :class:`DeadLetterMixin` forwards every terminal failure, as an
 envelope (:mod:`resilient_tasks.envelope`), to a dead-letter queue on the same broker.
 
-The forwarding runs in the worker's main process, in the task's ``Request.on_failure``
-(:mod:`resilient_tasks.request`), where the message exactly as the broker delivered it is at
-hand, and *before* Celery acknowledges it:
+Both halves are here: the mixin, which the task declares, and :func:`dead_letter` /
+:func:`fail_for_good`, which the worker's main process runs from the task's
+``Request.on_failure`` (:mod:`resilient_tasks.worker`), where the message exactly as the broker
+delivered it is at hand, and *before* Celery acknowledges it:
 
 1. the envelope is published persistent to the dead-letter queue (declared durable), through
    Kombu's producer pool with publisher confirms on RabbitMQ, retried by Kombu's retry policy on
@@ -19,22 +20,30 @@ it ran, so the log line is all that remains.
 from __future__ import annotations
 
 import logging
-import os
 import string
-import weakref
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Mapping
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from amqp.exceptions import PreconditionFailed
-from celery import Celery, Task
-from kombu.connection import ConnectionPool
-from kombu.entity import Queue
-from kombu.messaging import Producer
-from kombu.pools import ProducerPool
+from billiard.einfo import ExceptionInfo
+from celery import Task, signals
+from celery.worker.state import task_ready
 
+from . import _events, _reason
 from ._expiry import publishing
+from .decide import Reason
+from .envelope import (
+    build_envelope,
+    canvas,
+    envelope_or_bare,
+    failed_message,
+    raised_type_name,
+    redact_patterns,
+)
+from .history import Attempt, History
+from .hooks import FailureHooksMixin, details_from_worker, give_up
 from .options import check_before, check_bool, invalid
+from .publish import publish_envelope
 
 if TYPE_CHECKING:
     from celery import Task as _TaskBase
@@ -44,27 +53,16 @@ else:
 __all__ = [
     "DEAD_LETTER_TEMPLATE_FIELDS",
     "DeadLetterMixin",
-    "confirmed_producer",
-    "dead_letter_queue_for",
+    "dead_letter",
     "dead_letter_queue_name",
-    "publish_envelope",
+    "exception_info",
+    "fail_for_good",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: The fields a ``dead_letter_queue`` template may use.
 DEAD_LETTER_TEMPLATE_FIELDS = frozenset({"queue", "task"})
-#: Kombu's retry policy for the dead-letter publish: about 3 s of reconnecting at the most.
-PUBLISH_RETRY_POLICY: Mapping[str, Any] = {
-    "max_retries": 3,
-    "interval_start": 0,
-    "interval_step": 0.5,
-    "interval_max": 1.0,
-}
-#: Message headers on a published envelope, for tools that filter without decoding.
-HEADER_REASON = "resilient_reason"
-HEADER_TASK = "resilient_task"
-QUEUE_TYPE = "x-queue-type"
 
 
 def dead_letter_queue_name(template: str, *, queue: str, task: str) -> str:
@@ -118,9 +116,9 @@ class DeadLetterMixin(_TaskBase):  # type: ignore[misc]
 
     The publishing happens in the worker's main process, through this mixin's ``Request`` class;
     a task that sets its own ``Request`` must subclass
-    :class:`resilient_tasks.request.ResilientRequest`. A message the worker cannot read at all
+    :class:`resilient_tasks.worker.ResilientRequest`. A message the worker cannot read at all
     (a corrupt body, a content type it does not accept) is dead-lettered too, by this mixin's
-    ``Strategy`` (:mod:`resilient_tasks.strategy`), where Celery would drop it.
+    ``Strategy`` (:mod:`resilient_tasks.unreadable`), where Celery would drop it.
 
     Its messages go without the broker TTL (AMQP ``expiration``) that Celery derives from
     ``expires``: RabbitMQ would drop an expired one unseen, its result ``PENDING`` for ever; the
@@ -142,8 +140,8 @@ class DeadLetterMixin(_TaskBase):  # type: ignore[misc]
 
     dead_letter: bool = True
     dead_letter_queue: str = "{queue}.dlq"
-    Request = "resilient_tasks.request:ResilientRequest"
-    Strategy = "resilient_tasks.strategy:dead_lettering"
+    Request = "resilient_tasks.worker:ResilientRequest"
+    Strategy = "resilient_tasks.unreadable:dead_lettering"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -189,123 +187,109 @@ class DeadLetterMixin(_TaskBase):  # type: ignore[misc]
             return super().apply_async(*args, **options)
 
 
-def dead_letter_queue_for(name: str, source: Queue | None) -> Queue:
-    """How the dead-letter queue ``name`` of the queue ``source`` is declared: durable, and of
-    the same ``x-queue-type`` as its source, so that the library's publish,
-    :func:`resilient_tasks.rabbitmq.declare_dead_letter_queues` and RabbitMQ's own
-    dead-lettering all agree.
-
-    Example::
-
-        >>> from kombu import Queue
-        >>> billing = Queue("billing", queue_arguments={"x-queue-type": "quorum"})
-        >>> dlq = dead_letter_queue_for("billing.dlq", billing)
-        >>> dlq.durable, dlq.queue_arguments
-        (True, {'x-queue-type': 'quorum'})
-    """
-    source_arguments: Mapping[str, Any] = getattr(source, "queue_arguments", None) or {}
-    arguments = {QUEUE_TYPE: source_arguments[QUEUE_TYPE]} if QUEUE_TYPE in source_arguments else {}
-    return Queue(name, exchange="", routing_key=name, durable=True, queue_arguments=arguments)  # type: ignore[no-untyped-call]
+# -- in the worker's main process ---------------------------------------------------------------
 
 
-class _ConnectionPool(ConnectionPool):
-    # Kombu's pools close their connections in every process billiard forks, which is right
-    # for a child that inherited them, but closing a py-amqp connection shuts its socket down
-    # (``shutdown(SHUT_RDWR)``), and the socket is the parent's too: each pool child the worker
-    # starts (a replacement for one that died, or ``max_tasks_per_child``) would cut the main
-    # process's connection under a publish in flight, which Kombu's retry then publishes again
-    # (a second dead letter). A child never uses these pools (see ``_write_pool``): it leaves
-    # them alone.
-    close_after_fork = False
-
-
-class _ProducerPool(ProducerPool):
-    close_after_fork = False
-
-
-# The confirming producer pool per app, made once per process (Celery builds a new Connection
-# object, URL parsing and transport lookup included, on every connection_for_write).
-_write_pools: weakref.WeakKeyDictionary[Celery, tuple[int, ProducerPool]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _write_pool(app: Celery) -> ProducerPool:
-    cached = _write_pools.get(app)
-    if cached is None or cached[0] != os.getpid():  # none yet, or the parent's: make our own
-        connection = app.connection_for_write(transport_options={"confirm_publish": True})
-        limit = app.conf.broker_pool_limit
-        connections = _ConnectionPool(connection, limit=limit)  # type: ignore[no-untyped-call]
-        pool = _ProducerPool(connections, limit=limit)  # type: ignore[no-untyped-call]
-        _write_pools[app] = cached = (os.getpid(), pool)
-    return cached[1]
-
-
-@contextmanager
-def confirmed_producer(app: Celery) -> Iterator[Producer]:
-    """A producer from a Kombu producer pool on the app's broker, with publisher confirms on
-    RabbitMQ.
-
-    One pool (and so one set of connections, at most ``broker_pool_limit``) per app and
-    process, shared by every dead-letter, retry and replay publish of the process. Unlike
-    Kombu's global pools it survives the worker forking pool children (see ``_ConnectionPool``).
-
-    Example::
-
-        with confirmed_producer(app) as producer:
-            producer.publish({"hello": "world"}, routing_key="audit", declare=[Queue("audit")])
-    """
-    with _write_pool(app).acquire(block=True, timeout=10) as producer:  # type: ignore[no-untyped-call]
-        try:
-            yield producer
-        except BaseException:
-            # A publish cut short may leave its channel mid-conversation (closed by the broker,
-            # a confirm still to come): reconnect rather than hand it to the pool's next user.
-            with suppress(Exception):
-                producer.connection.close()
-            raise
-
-
-def publish_envelope(
-    app: Celery, queue: str, envelope: Mapping[str, Any], source: str | None = None
-) -> None:
-    """Publish ``envelope`` persistent to the durable ``queue``; raise if the broker hasn't it.
-
-    ``source`` is the queue the failed message came from: the dead-letter queue is declared as
-    :func:`dead_letter_queue_for` declares it (same queue type). On
-    RabbitMQ the publish waits for the broker's confirm: a nack raises. Connection errors are
-    retried by Kombu's retry policy (:data:`PUBLISH_RETRY_POLICY`), then raise.
-    """
-    declared = app.amqp.queues.get(queue) or dead_letter_queue_for(
-        queue, app.amqp.queues.get(source) if source else None
-    )
+def dead_letter(request: Any, exc: BaseException, exc_info: ExceptionInfo, reason: Reason) -> bool:
+    """Publish the envelope of the terminal failure ``exc`` of the worker's ``request``; on
+    failure requeue the message (``acks_late``) and return False."""
+    task = request.task
+    envelope = envelope_or_bare(
+        lambda: _envelope(request, exc, exc_info, reason), request.message, request.id,
+        request.name, exc, reason,
+    )  # fmt: skip
+    source = envelope["task"]["queue"]
+    queue = task.dead_letter_queue_for(source)
     try:
-        _publish(app, queue, envelope, declare=[declared])
-    except PreconditionFailed:
-        # The queue exists with other arguments (declared by hand, a policy, another version
-        # of this app): it is there, so publish to it as it is rather than fail every time.
-        logger.warning(
-            "resilient_tasks: dead-letter queue %r exists with other arguments than %r; "
-            "publishing to it as it is",
+        publish_envelope(task.app, queue, envelope, source)
+    except Exception:
+        logger.exception(
+            "resilient_tasks: could not dead-letter %s[%s] to %r; %s. Envelope: %r",
+            request.name,
+            request.id,
             queue,
-            getattr(declared, "queue_arguments", None),
+            "the message is requeued"
+            if task.acks_late
+            else "acks_late is off, so the message was already acknowledged and this log "
+            "line is all that remains",
+            envelope,
         )
-        _publish(app, queue, envelope, declare=[])
+        if task.acks_late:
+            task_ready(request)
+            request.reject(requeue=True)
+            return False
+        return True
+    _events.emit(
+        "task_dead_lettered",
+        request=request,
+        reason=reason,
+        queue=queue,
+        exception=exc,
+        envelope=envelope,
+    )
+    return True
 
 
-def _publish(app: Celery, queue: str, envelope: Mapping[str, Any], declare: list[Any]) -> None:
-    with confirmed_producer(app) as producer:
-        producer.publish(  # type: ignore[no-untyped-call]
-            dict(envelope),
-            exchange="",
-            routing_key=queue,
-            serializer="json",
-            delivery_mode=2,
-            declare=declare,
-            headers={
-                HEADER_REASON: envelope.get("reason"),
-                HEADER_TASK: envelope.get("task", {}).get("name"),
-            },
-            retry=True,
-            retry_policy=dict(PUBLISH_RETRY_POLICY),
+def fail_for_good(request: Any, exc: BaseException, reason: Reason) -> None:
+    """Settle a failure Celery saw outside the task (a hard time limit, a lost worker, a retry
+    that could not be published): handlers, envelope, result, hooks, ack."""
+    _reason.mark(exc, reason)  # so task_failed, sent below, names the same reason
+    einfo = exception_info(exc)
+    task = request.task
+    if isinstance(task, FailureHooksMixin):
+        attempt = Attempt.in_worker(request, exc, delay=None)
+        history = History.from_headers(request.message.headers).record(attempt)
+        give_up(task, details_from_worker(request, exc, reason, history))
+    if getattr(task, "dead_letter", False) and not dead_letter(request, exc, einfo, reason):
+        return
+    task.backend.mark_as_failure(request.id, exc, request=request._context, store_result=True)
+    try:
+        task.on_failure(exc, request.id, request.args, request.kwargs, einfo)
+    except Exception:
+        logger.exception("on_failure of %s[%s] raised", request.name, request.id)
+    task.request_stack.push(request._context)
+    try:
+        signals.task_failure.send(
+            sender=task,
+            task_id=request.id,
+            exception=exc,
+            args=request.args,
+            kwargs=request.kwargs,
+            traceback=einfo.traceback,
+            einfo=einfo,
         )
+    finally:
+        task.request_stack.pop()
+    request.acknowledge()
+
+
+def exception_info(exc: BaseException) -> ExceptionInfo:
+    """``exc`` as Celery's ``ExceptionInfo``, with the traceback of raising it here."""
+    try:
+        raise exc
+    except BaseException:
+        return ExceptionInfo()
+
+
+def _envelope(
+    request: Any, exc: BaseException, exc_info: ExceptionInfo, reason: Reason
+) -> dict[str, Any]:
+    message = request.message
+    context: Mapping[str, Any] = request.request_dict
+    failed = failed_message(message, request.id, request.name, request.args, request.kwargs)
+    # A stand-in Celery sent back for an exception it could not pickle is described as the
+    # class the task raised, with the stand-in's arguments.
+    raised = _reason.as_raised(exc, getattr(exc_info, "type", None))
+    patterns = redact_patterns(request.task.app)
+    return build_envelope(
+        failed,
+        reason=reason,
+        exception=raised,
+        exception_type=raised_type_name(raised),
+        traceback=str(exc_info.traceback or ""),
+        history=History.from_headers(message.headers),
+        final=Attempt.in_worker(request, raised, delay=None),
+        dead_lettered_at=datetime.now(timezone.utc),
+        canvas=canvas(context, request._payload),
+        redact_patterns=patterns,
+    )

@@ -1,5 +1,10 @@
 """The dead-letter envelope: one JSON document per terminal failure, with its whole story.
 
+This module owns the ``resilient_tasks.dead_letter/1`` schema, in each of its forms:
+:func:`build_envelope` (the whole story), :func:`bare_envelope` (the raw message alone, when
+the whole story cannot be built: see :func:`envelope_or_bare`) and
+:func:`broker_dead_letter_envelope` (a message RabbitMQ dead-lettered itself, read as one).
+
 :func:`build_envelope` is pure: it takes the failed message as the broker had it, the exception,
 the attempt history and the moment, and returns the document in the
 ``resilient_tasks.dead_letter/1`` schema. Bounds, so an envelope is never too large to publish
@@ -17,15 +22,18 @@ and never dropped for what it carries:
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any
 
+from celery.utils.serialization import UnpickleableExceptionWrapper
+
+from .decide import Reason
 from .history import MAX_MESSAGE_CHARS, Attempt, History, exception_type_name, truncate
-from .policy import Reason
 
 __all__ = [
     "DEFAULT_REDACT_PATTERNS",
@@ -33,17 +41,27 @@ __all__ = [
     "MAX_TRACEBACK_CHARS",
     "REDACTED",
     "REDACT_SETTING",
+    "REPLAYED_PROPERTIES",
     "SCHEMA",
     "FailedMessage",
+    "bare_envelope",
     "body_field",
+    "broker_dead_letter_envelope",
     "build_envelope",
+    "canvas",
+    "envelope_or_bare",
+    "failed_message",
     "is_envelope",
     "redact",
     "redact_patterns",
 ]
 
+logger = logging.getLogger(__name__)
+
 #: The envelope's ``schema`` field.
 SCHEMA = "resilient_tasks.dead_letter/1"
+#: The message properties an envelope's ``original`` keeps and a replay publishes again.
+REPLAYED_PROPERTIES = ("correlation_id", "reply_to", "message_id", "type", "app_id")
 #: Key fragments whose values are redacted, matched anywhere in the key, ignoring case and
 #: treating ``-`` as ``_`` (so ``X-Api-Key`` matches ``api_key``).
 DEFAULT_REDACT_PATTERNS: tuple[str, ...] = (
@@ -330,3 +348,206 @@ def is_envelope(body: object) -> bool:
         (True, False)
     """
     return isinstance(body, Mapping) and body.get("schema") == SCHEMA
+
+
+# -- from a worker's message ----------------------------------------------------------------
+
+
+def failed_message(
+    message: Any, task_id: str, task_name: str, args: Any, kwargs: Any
+) -> FailedMessage:
+    """``message`` as the broker delivered it, with what the worker decoded from it."""
+    delivery = message.delivery_info or {}
+    properties = message.properties or {}
+    return FailedMessage(
+        task_id=task_id,
+        task_name=task_name,
+        args=args,
+        kwargs=kwargs,
+        headers=message.headers or {},
+        properties=properties,
+        body=message.body,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        # A message delayed by Celery's native delayed delivery arrives through a
+        # celery_delayed_* exchange: replaying it there would delay it again.
+        exchange=own_exchange(delivery.get("exchange") or ""),
+        routing_key=own_routing_key(delivery),
+        priority=properties.get("priority", delivery.get("priority")),
+    )
+
+
+def envelope_or_bare(
+    build: Callable[[], dict[str, Any]],
+    message: Any,
+    task_id: str,
+    task_name: str,
+    exc: BaseException,
+    reason: Reason,
+) -> dict[str, Any]:
+    """What ``build`` returns, or, if it raises, the envelope of the raw message alone: what
+    the message carries must never stop its dead-lettering."""
+    try:
+        return build()
+    except Exception:
+        logger.exception("resilient_tasks: building the envelope of %s[%s] failed; "
+                         "dead-lettering a minimal one", task_name, task_id)  # fmt: skip
+        return bare_envelope(message, task_id, task_name, exc, reason)
+
+
+def bare_envelope(
+    message: Any, task_id: str, task_name: str, exc: BaseException, reason: Reason
+) -> dict[str, Any]:
+    """An envelope from the raw message alone, when the full one cannot be built."""
+    delivery = message.delivery_info or {}
+    return {
+        "schema": SCHEMA,
+        "reason": reason,
+        "task": {
+            "id": task_id,
+            "name": task_name,
+            "queue": own_routing_key(delivery),
+            "exchange": own_exchange(delivery.get("exchange") or ""),
+            "routing_key": own_routing_key(delivery),
+        },
+        "exception": {"type": raised_type_name(exc), "message": "", "traceback": ""},
+        "attempts": [],
+        "dead_lettered_at": datetime.now(timezone.utc).isoformat(),
+        "original": {
+            "headers": jsonable(dict(message.headers or {}), limit=None),
+            "properties": {},
+            **body_field(message.body, message.content_encoding),
+            "content_type": message.content_type,
+            "content_encoding": message.content_encoding,
+        },
+    }
+
+
+def own_exchange(exchange: str) -> str:
+    """The exchange a message was published to, not the ``celery_delayed_*`` exchange Celery's
+    native delayed delivery routed it through (replaying it there would delay it again)."""
+    return "" if exchange.startswith("celery_delayed") else exchange
+
+
+def own_routing_key(delivery: Mapping[str, Any]) -> str:
+    """The routing key a message was published with, without the delay levels Celery's native
+    delayed delivery puts in front of it."""
+    routing_key = str(delivery.get("routing_key") or "")
+    if str(delivery.get("exchange") or "").startswith("celery_delayed"):
+        return DELAY_PREFIX.sub("", routing_key, count=1)
+    return routing_key
+
+
+def raised_type_name(exc: BaseException) -> str:
+    """The type of what was raised: the class a stand-in for an unpicklable exception names."""
+    if isinstance(exc, UnpickleableExceptionWrapper):
+        return f"{exc.exc_module}.{exc.exc_cls_name}"
+    return exception_type_name(exc)
+
+
+def canvas(context: Mapping[str, Any], payload: Any) -> dict[str, Any]:
+    """Which workflow the task belonged to: its root and parent, group, and what the chain had
+    left to run (it stops here)."""
+    embed = payload[2] if isinstance(payload, list | tuple) and len(payload) > 2 else {}
+    chain = (embed or {}).get("chain") or []
+    return {
+        "root_id": context.get("root_id"),
+        "parent_id": context.get("parent_id"),
+        "group_id": context.get("group"),
+        "group_index": context.get("group_index"),
+        "chain_remaining": [
+            step.get("task") for step in reversed(chain) if isinstance(step, Mapping)
+        ],
+        "chord": bool((embed or {}).get("chord")),
+    }
+
+
+# -- a message the broker dead-lettered -------------------------------------------------------
+
+
+def broker_dead_letter_envelope(
+    message: Any, decoded: Any, patterns: tuple[str, ...]
+) -> dict[str, Any]:
+    """An envelope for a task message the broker dead-lettered itself (RabbitMQ's ``x-death``),
+    which carries none: from its first ``x-death``, so the tools list, show and replay it like
+    the worker's own dead letters.
+
+    ``message`` has the broker message's ``headers``, ``properties``, ``body``,
+    ``content_type`` and ``content_encoding``; ``decoded`` is its JSON body, decoded (anything
+    else for a body that is not JSON); the keyword arguments are redacted with ``patterns``.
+    The envelope's ``original`` keeps the message exactly, as the worker's own envelopes do, so
+    that replay can republish it.
+    """
+    headers = message.headers
+    deaths = headers.get("x-death")
+    deaths = deaths if isinstance(deaths, list) else []
+    death = deaths[0] if deaths and isinstance(deaths[0], Mapping) else {}
+    routing_keys = death.get("routing-keys")
+    args: Any = []
+    kwargs: Any = {}
+    if isinstance(decoded, list) and len(decoded) == 3:
+        args, kwargs = decoded[0], decoded[1]
+    history = History.from_headers(headers)
+    properties = {
+        key: value
+        for key, value in message.properties.items()
+        if key in (*REPLAYED_PROPERTIES, "priority", "delivery_mode")
+    }
+    reason = str(death.get("reason") or "unknown")
+    return {
+        "schema": SCHEMA,
+        "reason": reason,
+        "task": {
+            "id": str_or_none(headers.get("id")),
+            "name": str_or_none(headers.get("task")),
+            "args": jsonable(args),
+            "kwargs": jsonable(redact(kwargs, patterns)),
+            "queue": str_or_none(death.get("queue")),
+            "exchange": str_or_none(death.get("exchange")) if death else None,
+            "routing_key": str_or_none(routing_keys[0])
+            if isinstance(routing_keys, list) and routing_keys
+            else None,
+            "priority": properties.get("priority"),
+        },
+        "exception": {
+            "type": None,
+            "message": f"dead-lettered by the broker ({reason})",
+            "traceback": "",
+        },
+        "attempts": [attempt.as_dict() for attempt in history.attempts],
+        "attempts_dropped": history.dropped,
+        "first_attempt_at": history.first_attempt_at,
+        "dead_lettered_at": _exact(death.get("time")),
+        "canvas": {},
+        "broker": {"x-death": _exact(deaths)},
+        "original": {
+            "headers": _exact(headers),
+            "properties": _exact(properties),
+            **body_field(message.body, message.content_encoding),
+            "content_type": message.content_type,
+            "content_encoding": message.content_encoding,
+        },
+    }
+
+
+def _exact(value: Any) -> Any:
+    """``value`` as JSON carries it, exactly (no truncation): times as ISO-8601."""
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return moment.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {str(k): _exact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_exact(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def str_or_none(value: object) -> str | None:
+    """``value`` if it is a string, else ``None``: for fields read from a message."""
+    return value if isinstance(value, str) else None

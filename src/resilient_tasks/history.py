@@ -21,6 +21,7 @@ say, and ``first_attempt_at`` is kept even when early attempts are dropped.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
@@ -36,6 +37,7 @@ __all__ = [
     "Attempt",
     "History",
     "exception_type_name",
+    "run_started",
     "truncate",
 ]
 
@@ -119,18 +121,31 @@ class Attempt:
         number: int,
         exc: BaseException,
         *,
-        hostname: str,
+        hostname: str | None,
         delay: float | None,
         at: datetime,
     ) -> Attempt:
-        """Describe attempt ``number`` that raised ``exc`` at ``at``, bounded in size."""
+        """Describe attempt ``number`` that raised ``exc`` at ``at`` on ``hostname`` (``None``:
+        this machine), bounded in size."""
         return cls(
             number=number,
             at=_iso(at),
-            hostname=truncate(hostname, MAX_HOSTNAME_CHARS),
+            hostname=truncate(hostname or socket.gethostname(), MAX_HOSTNAME_CHARS),
             exception_type=truncate(exception_type_name(exc), MAX_TYPE_CHARS),
             message=truncate(_safe_str(exc), MAX_MESSAGE_CHARS),
             delay=None if delay is None else round(float(delay), 6),
+        )
+
+    @classmethod
+    def in_worker(cls, request: Any, exc: BaseException, *, delay: float | None) -> Attempt:
+        """The attempt a worker's ``Request`` (the worker's main process) ran, failed with
+        ``exc``: its number from the message's ``retries``, its start from the request."""
+        return cls.failed(
+            int(request._context.retries or 0) + 1,
+            exc,
+            hostname=request.hostname,
+            delay=delay,
+            at=run_started(request),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -277,3 +292,9 @@ def _safe_str(exc: BaseException) -> str:
 
 #: The fields of :class:`Attempt`, in order, as :meth:`Attempt.as_dict` writes them.
 _ATTEMPT_FIELDS = tuple(field.name for field in fields(Attempt))
+
+
+def run_started(request: Any) -> datetime:
+    """When a worker's ``Request`` started running (now, if it has not)."""
+    started = request.time_start
+    return datetime.fromtimestamp(started, timezone.utc) if started else datetime.now(timezone.utc)

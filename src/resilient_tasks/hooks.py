@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,11 +24,12 @@ from celery import Task
 from celery.exceptions import Retry
 
 from . import _reason
-from ._call import StepsMixin
+from ._chain import exception_chain
+from ._steps import StepsMixin
+from .decide import Reason
 from .envelope import redact, redact_patterns
 from .history import Attempt, History
 from .options import check_before, check_hook, invalid
-from .policy import Reason, exception_chain
 
 __all__ = ["FailureDetails", "FailureHooksMixin", "handler_for"]
 
@@ -172,11 +172,11 @@ class FailureHooksMixin(StepsMixin):
     def on_give_up(self, details: FailureDetails) -> None:
         """A terminal failure: runs after the matching ``failure_handlers`` entry. No-op."""
 
-    def _rt_retried(self, retry: Retry) -> None:
+    def _step_retried(self, retry: Retry) -> None:
         if getattr(self, _DETAILS_ON_RETRY, False):
             run_isolated(f"on_retry of {self.name}", self.on_retry, self._retry_details(retry))
 
-    def _rt_gave_up(self, exc: Exception) -> None:
+    def _step_gave_up(self, exc: Exception) -> None:
         handler = handler_for(getattr(self, "failure_handlers", {}), exc)
         if handler is not None or _overrides_on_give_up(self):  # else nobody reads details
             _run_give_up_hooks(self, handler, self._details(exc, _reason.reason_of(exc)))
@@ -189,7 +189,7 @@ class FailureHooksMixin(StepsMixin):
         attempt = Attempt.failed(
             (request.retries or 0) + 1,
             exc,
-            hostname=request.hostname or socket.gethostname(),
+            hostname=request.hostname,
             delay=delay,
             at=now,
         )

@@ -49,11 +49,11 @@ from celery.utils.objects import mro_lookup
 from celery.worker.request import Request
 
 from . import _events, _reason
-from ._call import StepsMixin
+from ._steps import StepsMixin
+from .decide import unretried_reason
 from .history import exception_type_name
 from .options import check_before
-from .policy import unretried_reason
-from .request import redeliveries
+from .timelimit import redeliveries
 
 __all__ = [
     "CONTEXT_KEYS",
@@ -413,23 +413,23 @@ class ObservabilityMixin(StepsMixin):
     """
 
     #: Whether, after :func:`connect`, the call binds the keys (else ``task_prerun`` does).
-    _rt_binds_at_call = True
+    _step_binds_at_call = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         check_before(cls, ObservabilityMixin, Task, "Celery's __call__ would shadow it")
-        cls._rt_binds_at_call = _celerys_own(cls, "before_start")
+        cls._step_binds_at_call = _celerys_own(cls, "before_start")
 
-    def _rt_bind(self, request: Any) -> Any:
+    def _step_bind(self, request: Any) -> Any:
         if not _state["connected"]:
             return _bind_keys(_Described(request, self))
         if not _state["plain_tasks"]:  # no task_prerun/task_postrun: the call is the run
             return _start_call(_Described(request, self), request)
-        if self._rt_binds_at_call:  # bound until task_postrun, as task_prerun binds a plain task
+        if self._step_binds_at_call:  # bound until task_postrun, as task_prerun binds a plain task
             _start(_Described(request, self))
         return None
 
-    def _rt_unbind(self, binding: Any) -> None:
+    def _step_unbind(self, binding: Any) -> None:
         _reset_keys(binding)
 
     def after_return(
@@ -486,7 +486,7 @@ def _sending_request(task_id: str | None) -> Request | None:
 
 def _on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
     task = task if task is not None else sender
-    if getattr(task, "_rt_binds_at_call", False):  # an ObservabilityMixin task: its call binds
+    if getattr(task, "_step_binds_at_call", False):  # an ObservabilityMixin task: its call binds
         return
     _start(_describe_run(task, task_id))
 

@@ -1,27 +1,37 @@
 """Retry policies: what to retry, how often, how long, and how long to wait in between.
 
 A :class:`RetryPolicy` is a frozen value validated when it is built. The decision about one
-failed attempt is :func:`decide`, a pure function of the policy and an :class:`AttemptState`;
-the task mixin only wires it into Celery (see :mod:`resilient_tasks.retry`).
+failed attempt is :func:`~resilient_tasks.decide.decide`, a pure function of the policy and an
+:class:`~resilient_tasks.decide.AttemptState` (:mod:`resilient_tasks.decide`, whose names are
+importable from here too); the task mixin only wires it into Celery
+(see :mod:`resilient_tasks.retry`).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any, Literal, TypeAlias
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeAlias
 
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from tenacity import Future, RetryCallState, Retrying
 from tenacity.wait import wait_fixed, wait_random_exponential
 
+from ._chain import Matcher, exception_chain
 from ._seconds import to_seconds
-from .classify import retry_after_seconds
-from .exceptions import ConfigurationError, Permanent, RetryAfter
+from .decide import (
+    AttemptState,
+    GiveUp,
+    Reason,
+    RetryIn,
+    backoff_enabled,
+    decide,
+    set_backoff,
+    unretried_reason,
+)
+from .exceptions import ConfigurationError
 from .history import Attempt, History
 
 __all__ = [
@@ -40,63 +50,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: A predicate over an exception: ``True`` means "this one matches".
-Predicate: TypeAlias = Callable[[BaseException], bool]
-#: What ``retry_on`` / ``give_up_on`` hold: exception types and/or predicates.
-Matcher: TypeAlias = "type[BaseException] | Predicate"
 #: A tenacity wait strategy: any ``tenacity.wait_*`` object, their sums, or a plain function.
 Wait: TypeAlias = Callable[[RetryCallState], float]
-
-#: Why a task stopped for good; the dead-letter envelope's ``reason``.
-Reason: TypeAlias = Literal[
-    "exception",
-    "retries_exhausted",
-    "deadline_exceeded",
-    "permanent",
-    "soft_time_limit",
-    "hard_time_limit",
-    "worker_lost",
-]
 
 #: The default backoff: exponential with full jitter, capped at 10 minutes (Celery's
 #: ``retry_backoff`` defaults, as a tenacity strategy). The delay after attempt ``n`` fails is
 #: ``uniform(0, min(600, 1 * 2 ** (n - 1)))`` seconds.
 DEFAULT_BACKOFF: Wait = wait_random_exponential(multiplier=1, max=600)
 
-_MAX_CHAIN = 32
 _RETRYING = Retrying()  # tenacity's call state wants an owner; it is never run.
-
-
-def exception_chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` then its causes and contexts (``__cause__`` first), each once, at most 32.
-
-    A context hidden by ``raise ... from None`` is not followed, as Python's own traceback does.
-
-    Example::
-
-        >>> try:
-        ...     try:
-        ...         raise ConnectionResetError("peer")
-        ...     except ConnectionResetError as inner:
-        ...         raise RuntimeError("sync failed") from inner
-        ... except RuntimeError as outer:
-        ...     [type(e).__name__ for e in exception_chain(outer)]
-        ['RuntimeError', 'ConnectionResetError']
-    """
-    seen: set[int] = set()
-    pending: list[BaseException] = [exc]
-    while pending and len(seen) < _MAX_CHAIN:
-        current = pending.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        # Push the context first so the cause is visited first. ``raise ... from None`` hides
-        # the context on purpose, so a hidden context is not followed.
-        context = None if current.__suppress_context__ else current.__context__
-        for linked in (context, current.__cause__):
-            if linked is not None and id(linked) not in seen:
-                pending.append(linked)
 
 
 def _normalise_matchers(option: str, value: object) -> tuple[Matcher, ...]:
@@ -170,21 +132,6 @@ def _normalise_backoff(value: object) -> Wait:
         "wait_random_exponential(max=60), wait_fixed(2) + wait_random(0, 1)), a function of a "
         f"tenacity RetryCallState, or a number of seconds; got {value!r}"
     )
-
-
-def _matches(matchers: tuple[Matcher, ...], chain: tuple[BaseException, ...]) -> bool:
-    for exc in chain:
-        for matcher in matchers:
-            if isinstance(matcher, type):
-                if isinstance(exc, matcher):
-                    return True
-            else:
-                try:
-                    if matcher(exc):
-                        return True
-                except Exception:
-                    logger.exception("retry predicate %r raised; counted as no match", matcher)
-    return False
 
 
 @dataclass(frozen=True, init=False)
@@ -344,168 +291,3 @@ def _with_delay(history: History, attempt: int, delay: float) -> History:
     return history.record(
         Attempt(number=attempt, at="", hostname="", exception_type="", message="", delay=delay)
     )
-
-
-@dataclass(frozen=True)
-class AttemptState:
-    """Everything a retry decision looks at about one failed attempt. An immutable value.
-
-    Arguments:
-        task_name: the task's registered name.
-        attempt: the number of the attempt that just failed, 1 for the first.
-        exception: what it raised.
-        elapsed: seconds since the first attempt started.
-        history: the attempts before this one, as carried by the message.
-        task_id: the task's id, when known.
-
-    Example::
-
-        >>> state = AttemptState("billing.sync", attempt=1, exception=TimeoutError(), elapsed=0.2)
-        >>> decide(RetryPolicy(retry_on=TimeoutError, backoff=2), state)
-        RetryIn(delay=2.0)
-    """
-
-    task_name: str
-    attempt: int
-    exception: BaseException
-    elapsed: float = 0.0
-    history: History = field(default_factory=History)
-    task_id: str | None = None
-
-    @classmethod
-    def starting_at(
-        cls,
-        *,
-        task_name: str,
-        task_id: str | None,
-        attempt: int,
-        exception: BaseException,
-        history: History,
-        started: datetime,
-        now: datetime,
-    ) -> AttemptState:
-        """The state of attempt ``attempt`` that started at ``started`` and failed at ``now``.
-
-        ``elapsed`` counts from the first attempt recorded in ``history``, or from ``started``
-        when this is the first attempt.
-        """
-        first = history.first_attempt_time() or started
-        return cls(
-            task_name=task_name,
-            task_id=task_id,
-            attempt=attempt,
-            exception=exception,
-            elapsed=max(0.0, (now - first).total_seconds()),
-            history=history,
-        )
-
-
-@dataclass(frozen=True)
-class RetryIn:
-    """Decision: retry after ``delay`` seconds."""
-
-    delay: float
-
-
-@dataclass(frozen=True)
-class GiveUp:
-    """Decision: stop; the failure is terminal for ``reason``."""
-
-    reason: Reason
-
-
-_backoff = {"enabled": True}
-
-
-def set_backoff(enabled: bool) -> None:
-    """Turn every policy's waiting on or off in this process (for test suites).
-
-    With backoff off, every retry :func:`decide` schedules (``RetryAfter`` included) is
-    scheduled at once; which attempts retry and when to give up stay as the policy says.
-    :func:`resilient_tasks.testing.no_backoff` wraps it for pytest.
-
-    Example::
-
-        >>> set_backoff(False)
-        >>> decide(RetryPolicy(backoff=60), AttemptState("t", attempt=1,
-        ...                                               exception=ConnectionError()))
-        RetryIn(delay=0.0)
-        >>> set_backoff(True)
-    """
-    _backoff["enabled"] = enabled
-
-
-def backoff_enabled() -> bool:
-    """Whether policies wait between attempts in this process (see :func:`set_backoff`).
-
-    Example::
-
-        >>> backoff_enabled()
-        True
-    """
-    return _backoff["enabled"]
-
-
-def unretried_reason(exc: BaseException) -> Reason:
-    """The reason for a failure nothing retries: the time limit that raised it, or
-    ``"exception"``.
-
-    Example::
-
-        >>> from celery.exceptions import SoftTimeLimitExceeded
-        >>> unretried_reason(SoftTimeLimitExceeded()), unretried_reason(KeyError())
-        ('soft_time_limit', 'exception')
-    """
-    if isinstance(exc, SoftTimeLimitExceeded):
-        return "soft_time_limit"
-    if isinstance(exc, TimeLimitExceeded):
-        return "hard_time_limit"
-    return "exception"
-
-
-def decide(policy: RetryPolicy, state: AttemptState) -> RetryIn | GiveUp:
-    """Decide what follows a failed attempt. Pure, apart from a wait strategy's own jitter.
-
-    In order: :class:`~resilient_tasks.Permanent` anywhere in the chain gives up
-    (``"permanent"``); a ``give_up_on`` match, or a failure that neither matches ``retry_on``
-    nor carries :class:`~resilient_tasks.RetryAfter`, gives up (``"exception"``, or
-    ``"soft_time_limit"`` / ``"hard_time_limit"`` for a time limit, see
-    :func:`unretried_reason`); reaching ``max_attempts`` gives up (``"retries_exhausted"``).
-    The wait is the ``RetryAfter`` seconds, else a server's ``Retry-After`` on an HTTP 429/503
-    error in the chain (:func:`resilient_tasks.classify.retry_after_seconds`, capped), else the
-    policy's backoff; a retry that would start later than ``max_elapsed`` after the first
-    attempt, or never (a backoff of infinity), gives up (``"deadline_exceeded"``); anything else
-    is retried after that wait.
-
-    Example::
-
-        >>> policy = RetryPolicy(retry_on=ConnectionError, max_attempts=2, backoff=1)
-        >>> decide(policy, AttemptState("t", attempt=1, exception=ConnectionError()))
-        RetryIn(delay=1.0)
-        >>> decide(policy, AttemptState("t", attempt=2, exception=ConnectionError()))
-        GiveUp(reason='retries_exhausted')
-        >>> decide(policy, AttemptState("t", attempt=1, exception=KeyError()))
-        GiveUp(reason='exception')
-    """
-    chain = tuple(exception_chain(state.exception))
-    if any(isinstance(exc, Permanent) for exc in chain):
-        return GiveUp("permanent")
-    if _matches(policy.give_up_on, chain):
-        return GiveUp(unretried_reason(state.exception))
-    retry_after = next((exc for exc in chain if isinstance(exc, RetryAfter)), None)
-    if retry_after is None and not _matches(policy.retry_on, chain):
-        return GiveUp(unretried_reason(state.exception))
-    if policy.max_attempts is not None and state.attempt >= policy.max_attempts:
-        return GiveUp("retries_exhausted")
-    if retry_after is not None:
-        delay = retry_after.seconds
-    else:
-        server = retry_after_seconds(state.exception)  # an HTTP 429/503 with Retry-After
-        delay = server if server is not None else policy.next_delay(state)
-    if not _backoff["enabled"]:
-        delay = 0.0
-    if math.isinf(delay) or (
-        policy.max_elapsed is not None and state.elapsed + delay > policy.max_elapsed
-    ):
-        return GiveUp("deadline_exceeded")
-    return RetryIn(delay)

@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from kombu.entity import Queue
 
-from .deadletter import QUEUE_TYPE, dead_letter_queue_for, dead_letter_queue_name
+from .deadletter import dead_letter_queue_name
 from .exceptions import ConfigurationError
+from .publish import QUEUE_TYPE, dead_letter_queue_for
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -10,9 +10,9 @@ Celery's task call and Celery's own ``Task.retry``.
   (:mod:`resilient_tasks.history`).
 * Nothing is stored on the task instance: what one call needs comes from ``self.request``, the
   message headers and local variables (the attempt's start time is a context variable).
-* In a worker whose ``Request`` is :class:`~resilient_tasks.request.ResilientRequest`, the
+* In a worker whose ``Request`` is :class:`~resilient_tasks.worker.ResilientRequest`, the
   retry's message is published by the worker's **main process**, not the pool child: the child
-  hands Celery's retry signature back with the :class:`PublishedByTheWorker` it raises, and the
+  hands Celery's retry signature back with the :class:`HandedOverRetry` it raises, and the
   main process publishes it (with publisher confirms) before it acknowledges the message. A
   pool child killed between publishing a retry and reporting it would otherwise leave two
   copies of the task running: the retry it published, and the original, which comes back
@@ -23,21 +23,22 @@ from __future__ import annotations
 
 import functools
 import logging
-import socket
 import sys
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from celery import Task
-from celery.exceptions import MaxRetriesExceededError, Reject, Retry
+from billiard.einfo import ExceptionInfo
+from celery import Signature, Task
+from celery.exceptions import Reject, Retry
 from celery.utils.imports import symbol_by_name
+from celery.worker.state import task_ready
 
-from . import _events, _reason
-from ._call import HANDED_OVER, StepsMixin, attempt_started
+from . import _events, _reason, deadletter
+from ._steps import HANDED_OVER, StepsMixin, attempt_started
 from .classify import TRANSIENT_ERRORS
-from .exceptions import Permanent
+from .decide import AttemptState, GiveUp, Reason, RetryIn, decide_for
 from .history import HEADER, Attempt, History
 from .options import (
     check_before,
@@ -47,17 +48,10 @@ from .options import (
     check_seconds,
     invalid,
 )
-from .policy import (
-    AttemptState,
-    Reason,
-    RetryIn,
-    RetryPolicy,
-    decide,
-    exception_chain,
-    unretried_reason,
-)
+from .policy import RetryPolicy
+from .publish import publish_signature
 
-__all__ = ["PublishedByTheWorker", "RetryMixin"]
+__all__ = ["HandedOverRetry", "RetryMixin"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +94,7 @@ class _Hold:
 _holding: ContextVar[_Hold | None] = ContextVar("resilient_tasks_holding", default=None)
 
 
-class PublishedByTheWorker(Retry):  # type: ignore[misc]
+class HandedOverRetry(Retry):  # type: ignore[misc]
     """Celery's ``Retry``, raised by :meth:`RetryMixin.retry` in a pool child when the worker's
     main process publishes the retry (see :mod:`resilient_tasks.retry`).
 
@@ -113,7 +107,7 @@ class PublishedByTheWorker(Retry):  # type: ignore[misc]
         >>> import pickle
         >>> from celery import Celery
         >>> app = Celery(set_as_current=False)
-        >>> retry = PublishedByTheWorker(exc=ConnectionError("reset"), when=5,
+        >>> retry = HandedOverRetry(exc=ConnectionError("reset"), when=5,
         ...                              sig=app.signature("sync", countdown=5))
         >>> pickle.loads(pickle.dumps(retry)).sig["options"]
         {'countdown': 5}
@@ -202,12 +196,8 @@ class RetryMixin(StepsMixin):
         cls.max_retries = None if policy.max_attempts is None else policy.max_attempts - 1
         setattr(cls, _DERIVED, True)
 
-    def _rt_settle(self, exc: Exception) -> None:
-        policy = self.retry_policy
-        if policy is None:
-            _reason.mark(exc, self._celery_reason(exc))
-            return
-        decision = decide(policy, self._attempt_state(exc))
+    def _step_settle(self, exc: Exception) -> None:
+        decision = decide_for(self, self._attempt_state(exc))
         if isinstance(decision, RetryIn):
             raise self.retry(exc=exc, countdown=decision.delay) from exc
         _reason.mark(exc, decision.reason)
@@ -235,7 +225,7 @@ class RetryMixin(StepsMixin):
             attempt = Attempt.failed(
                 request.retries + 1,
                 failure if failure is not None else Retry("retry requested"),
-                hostname=request.hostname or socket.gethostname(),
+                hostname=request.hostname,
                 delay=_delay_of(countdown, eta, self.default_retry_delay, now),
                 at=_started(now),
             )
@@ -262,7 +252,7 @@ class RetryMixin(StepsMixin):
             return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
         except Retry as retry:
             if holding is not None and holding.held:  # Celery's publish was held back
-                retry.__class__ = PublishedByTheWorker
+                retry.__class__ = HandedOverRetry
                 # What Celery's publish takes from the task it runs in, which the main
                 # process has not got.
                 sent = retry.sig.options
@@ -287,7 +277,7 @@ class RetryMixin(StepsMixin):
             return self.AsyncResult(holding.task_id)
         return super().apply_async(*args, **options)
 
-    def _rt_retries_not_raised(self, request: Any, exc: Exception | None) -> None:
+    def _step_retries_not_raised(self, request: Any, exc: Exception | None) -> None:
         """Publish here, as Celery publishes in ``Task.retry``, each retry handed to the main
         process that the call does not raise (the body caught it, or raised something else):
         the main process only publishes the retry that reaches it."""
@@ -304,36 +294,15 @@ class RetryMixin(StepsMixin):
                     raise reject from error
                 raise
 
-    def _celery_reason(self, exc: BaseException) -> Reason:
-        """Why a task without a policy stopped: Celery's autoretry ran out, or it just raised."""
-        chain = tuple(exception_chain(exc))
-        if any(isinstance(e, Permanent) for e in chain):
-            return "permanent"
-        if isinstance(exc, MaxRetriesExceededError):
-            return "retries_exhausted"
-        autoretry = tuple(getattr(self, "autoretry_for", ()) or ())
-        # Celery's autoretry hands retry_kwargs to Task.retry, where their max_retries wins.
-        max_retries = (getattr(self, "retry_kwargs", None) or {}).get(
-            "max_retries", self.max_retries
-        )
-        if (
-            autoretry
-            and isinstance(exc, autoretry)
-            and max_retries is not None
-            and self.request.retries >= max_retries
-        ):
-            return "retries_exhausted"
-        return unretried_reason(exc)
-
     def _attempt_state(self, exc: BaseException) -> AttemptState:
         request = self.request
         now = _utcnow()
-        return AttemptState.starting_at(
+        return AttemptState.of_message(
             task_name=self.name,
             task_id=request.id,
-            attempt=request.retries + 1,
+            retries=request.retries,
+            headers=request.headers,
             exception=exc,
-            history=History.from_headers(request.headers),
             started=_started(now),
             now=now,
         )
@@ -354,7 +323,7 @@ def _requeue_if_broker_unreachable(reject: Reject) -> Reject:
     broker could not be reached, the message is requeued instead: it comes back, and is retried
     from there, once the broker answers again. Anything else is left as Celery raised it."""
     cause = reject.reason
-    if reject.requeue or not isinstance(cause, BaseException) or not TRANSIENT_ERRORS(cause):
+    if reject.requeue or not requeues(cause):
         return reject
     logger.warning(
         "resilient_tasks: could not publish the retry (%s: %s); the message is requeued",
@@ -362,6 +331,13 @@ def _requeue_if_broker_unreachable(reject: Reject) -> Reject:
         cause,
     )
     return Reject(cause, requeue=True)
+
+
+def requeues(error: object, *, acks_late: bool = True) -> bool:
+    """The one rule for a retry that could not be published: requeue the message (it comes
+    back, and is retried from there) when the broker could not be reached, and the message is
+    still unacknowledged (``acks_late``); anything else fails the task."""
+    return acks_late and isinstance(error, BaseException) and TRANSIENT_ERRORS(error)
 
 
 def _check_no_celery_retry_options(cls: type) -> None:
@@ -418,3 +394,107 @@ def _delay_of(
         moment = eta if eta.tzinfo else eta.replace(tzinfo=timezone.utc)
         return max(0.0, (moment - now) / timedelta(seconds=1))
     return None if default is None else float(default)
+
+
+# -- in the worker's main process ---------------------------------------------------------------
+
+
+def publish_retry(request: Any, retry: HandedOverRetry) -> bool:
+    """Publish the retry the pool child raised (with confirms) for the worker's ``request``;
+    False when it could not be published and the message was settled otherwise: requeued
+    when the broker could not be reached (:func:`requeues`), else failed for good
+    (dead-lettered, reason ``exception``, the publish error as the exception)."""
+    task = request.task
+    try:
+        publish_signature(task.app, Signature.from_dict(dict(retry.sig), app=task.app))
+    except Exception as error:
+        requeue = requeues(error, acks_late=bool(task.acks_late))
+        logger.exception("resilient_tasks: could not publish the retry of %s[%s]; %s",
+                         request.name, request.id, "the message is requeued" if requeue
+                         else "failing it for good")  # fmt: skip
+        task_ready(request)
+        request._resilient_settled = True
+        if requeue:
+            request.reject(requeue=True)
+        else:
+            deadletter.fail_for_good(request, error, "exception")
+        return False
+    return True
+
+
+def retry_from_worker(request: Any, exc: BaseException, delay: float) -> None:
+    """Retry the worker's ``request`` after ``delay`` seconds, from the main process (a hard
+    time limit the policy retries): the attempt recorded, the retry published, then the ack."""
+    context = request._context
+    attempt = Attempt.in_worker(request, exc, delay=delay)
+    history = History.from_headers(request.message.headers).record(attempt)
+    headers = {**without_x_death(context.headers), HEADER: history.encode()}
+    if not republish(request, headers, countdown=delay, retries=int(context.retries or 0) + 1):
+        return
+    _events.emit(
+        "task_retry_scheduled", request=request, attempt=attempt, delay=delay, exception=exc
+    )
+    request.task.backend.mark_as_retry(request.id, exc, request=context)
+    request.acknowledge()
+
+
+def republish(
+    request: Any,
+    headers: dict[str, Any],
+    countdown: float | None = None,
+    retries: int | None = None,
+) -> bool:
+    """Publish the worker's ``request`` again (same id, queue, priority, links) with
+    ``headers``, with publisher confirms; on failure requeue the original and return False."""
+    options: dict[str, Any] = {"headers": headers}
+    if countdown is not None:
+        options["countdown"] = countdown
+    if retries is not None:
+        options["retries"] = retries
+    task = request.task
+    try:
+        signature = task.signature_from_request(
+            request._context, request.args, request.kwargs, **options
+        )
+        publish_signature(task.app, signature)
+    except Exception:
+        logger.exception(
+            "resilient_tasks: could not republish %s[%s]; the message is requeued",
+            request.name,
+            request.id,
+        )
+        request.reject(requeue=True)
+        return False
+    return True
+
+
+def give_up_reason(request: Any, exc: BaseException, exc_info: ExceptionInfo) -> Reason:
+    """Why the task of the worker's ``request`` gave up: the reason its pool child recorded on
+    the exception, else the child's decision made again here.
+
+    The child's mark is lost when Celery had to send back a stand-in for an exception it
+    cannot pickle (see :mod:`resilient_tasks._reason`). What the decision looked at is here
+    too: the task's ``retry_policy`` (or Celery's ``autoretry_for`` / ``max_retries``), the
+    attempt number and the history from the message, and the exception as raised, rebuilt
+    from the class the ``ExceptionInfo`` names. Pickle drops the exception's chain, so a
+    match through ``__cause__`` / ``__context__`` cannot be repeated; nor can one by a
+    predicate reading attributes the stand-in lost. Never raises: ``"exception"`` when the
+    decision cannot be repeated.
+    """
+    reason = _reason.recorded(exc)
+    if reason is not None:
+        return reason
+    task = request.task
+    if not isinstance(task, RetryMixin):  # nothing decided in the child: nothing to repeat
+        return "exception"
+    try:
+        raised = _reason.as_raised(exc, getattr(exc_info, "type", None))
+        decision = decide_for(task, AttemptState.in_worker(request, raised))
+    except Exception:
+        logger.warning("resilient_tasks: could not tell why %s[%s] gave up; dead-lettering "
+                       "it with reason 'exception'", request.name, request.id,
+                       exc_info=True)  # fmt: skip
+        return "exception"
+    # A retry here means the child saw what this process cannot (the exception's chain, a
+    # jittered delay past max_elapsed): why it gave up is unknown.
+    return decision.reason if isinstance(decision, GiveUp) else "exception"

@@ -1,7 +1,7 @@
 """The brokers the worker tests run on, and how each cleans up after a test.
 
 * ``filesystem``: Kombu's filesystem transport with the library's atomic writes
-  (:mod:`resilient_tasks.filesystem`) in the test's temporary folder. No server.
+  (:mod:`resilient_tasks.dev.filesystem`) in the test's temporary folder. No server.
 * ``rabbitmq``: ``amqp://guest:guest@127.0.0.1:5672//`` (``RT_TEST_RABBITMQ_URL`` overrides).
 * ``redis``: ``redis://127.0.0.1:6379/0`` (``RT_TEST_REDIS_URL`` overrides); under
   pytest-xdist each test process has its own database number.
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from kombu import Connection
 
-from resilient_tasks.filesystem import TRANSPORT, transport_options
+from resilient_tasks.dev.filesystem import TRANSPORT, transport_options
 
 RABBITMQ_URL = os.environ.get("RT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from amqp import spec
 
-from resilient_tasks.dlq import _BasicGetReader, _ConsumingReader
+from resilient_tasks.dlq.readers import _BasicGetReader, _ConsumingReader
 
 
 class _Channel:

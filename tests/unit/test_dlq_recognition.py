@@ -14,7 +14,10 @@ from typing import Any
 
 import pytest
 
-from resilient_tasks.dlq import REASONS, DeadLetter, UnknownReason, _check_reason, _letter, _Message
+from resilient_tasks.dlq import REASONS, DeadLetter, UnknownReason
+from resilient_tasks.dlq.readers import _Message
+from resilient_tasks.dlq.recognition import _letter
+from resilient_tasks.dlq.selection import _check_reason
 
 TASK_HEADERS = {"task": "billing.sync", "id": "f7c9", "retries": 0}
 

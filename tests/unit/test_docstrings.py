@@ -12,8 +12,8 @@ import pytest
 import resilient_tasks
 
 MODULES = [
-    importlib.import_module(f"resilient_tasks.{info.name}")
-    for info in pkgutil.iter_modules(resilient_tasks.__path__)
+    importlib.import_module(info.name)
+    for info in pkgutil.walk_packages(resilient_tasks.__path__, "resilient_tasks.")
 ]
 
 

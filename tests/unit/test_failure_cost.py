@@ -27,7 +27,7 @@ from celery.app.trace import build_tracer, reset_worker_optimizations, setup_wor
 from celery.exceptions import Retry
 
 from resilient_tasks import Permanent, ResilientTask, RetryPolicy
-from resilient_tasks.retry import PublishedByTheWorker
+from resilient_tasks.retry import HandedOverRetry
 
 #: The most the library's frames may add to the traceback objects the child builds, in pickled
 #: bytes (its frame added 5 KB before it was cut down).
@@ -114,7 +114,7 @@ def test_a_retry_reaches_the_main_process_without_its_frames(app: Celery) -> Non
     assert "peer 1 reset" in received.traceback
     # The retry's message goes along, for the main process to publish; nothing else is added.
     retry = received.exception
-    assert isinstance(retry, PublishedByTheWorker)
+    assert isinstance(retry, HandedOverRetry)
     signature = len(pickle.dumps(dict(retry.sig), protocol=pickle.HIGHEST_PROTOCOL))
     assert len(sent) <= MOST_SENT_BYTES + signature, (len(sent), signature)
     assert (retry.sig["task"], retry.sig["args"], retry.sig["options"]["retries"]) == (

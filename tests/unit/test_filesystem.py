@@ -16,8 +16,8 @@ import pytest
 from kombu import Connection
 from kombu.exceptions import ChannelError
 
-from resilient_tasks import filesystem
-from resilient_tasks.filesystem import Transport, transport_options
+from resilient_tasks.dev import filesystem
+from resilient_tasks.dev.filesystem import Transport, transport_options
 
 
 @pytest.fixture

@@ -770,11 +770,11 @@ def test_dead_letters_captures_the_envelopes(dead_letters: list[dict[str, Any]])
 
 
 def test_no_backoff_turns_backoff_off_for_the_test(no_backoff: None) -> None:
-    assert policy._backoff["enabled"] is False
+    assert policy.backoff_enabled() is False
 
 
 def test_the_backoff_setting_is_back_after_a_test_with_no_backoff() -> None:
-    assert policy._backoff["enabled"] is True
+    assert policy.backoff_enabled() is True
 
 
 def test_the_plugin_is_registered(pytestconfig: pytest.Config) -> None:

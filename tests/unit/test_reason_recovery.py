@@ -30,13 +30,14 @@ from resilient_tasks import (
     ResilientTask,
     RetryPolicy,
     _reason,
+    deadletter,
     observability,
+    retry,
 )
-from resilient_tasks import request as request_module
 from resilient_tasks.history import HEADER, Attempt, History
 from resilient_tasks.policy import Reason
-from resilient_tasks.request import ResilientRequest, _unwrap
 from resilient_tasks.testing import capture_events
+from resilient_tasks.worker import ResilientRequest, _unwrap
 
 
 class NeedsTwo(Exception):
@@ -132,7 +133,7 @@ def in_the_main_process(
         return False  # as if it was requeued: on_failure stops there
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ResilientRequest, "_dead_letter", capture)
+        patch.setattr(deadletter, "dead_letter", capture)
         request = ResilientRequest(_message(headers), app=task.app, task=task, hostname="w1@h")
         request.on_failure(einfo)
     assert len(seen) == 1
@@ -288,7 +289,7 @@ def test_a_task_without_the_retry_mixin_is_exception(app: Celery) -> None:
         _message(headers), app=task.app, task=task, hostname="w1@host"
     )  # the reason a picklable one gets too: nothing in the child decided
 
-    assert request._give_up_reason(_unwrap(einfo.exception), einfo) == "exception"
+    assert retry.give_up_reason(request, _unwrap(einfo.exception), einfo) == "exception"
 
 
 @pytest.mark.parametrize(
@@ -334,7 +335,7 @@ def test_a_mark_that_came_back_is_used_as_it_is(
     task = raising(app, ConnectionError("reset"), retry_policy=TRANSIENT)
     headers = headers_for(task, retries=2)
     einfo = in_the_child(task, headers)
-    monkeypatch.setattr(request_module, "decide", _fails)
+    monkeypatch.setattr(retry, "decide_for", _fails)
 
     _, reason = in_the_main_process(task, headers, einfo)
 
@@ -347,9 +348,9 @@ def test_a_decision_that_cannot_be_made_again_is_exception_and_logged(
     task = raising(app, FlakyNeedsTwo(503, "unavailable"), retry_policy=TRANSIENT)
     headers = headers_for(task, retries=2)
     einfo = in_the_child(task, headers)
-    monkeypatch.setattr(request_module, "decide", _fails)
+    monkeypatch.setattr(retry, "decide_for", _fails)
 
-    with caplog.at_level(logging.WARNING, logger="resilient_tasks.request"):
+    with caplog.at_level(logging.WARNING, logger="resilient_tasks.retry"):
         _, reason = in_the_main_process(task, headers, einfo)
 
     assert reason == "exception"
@@ -455,12 +456,12 @@ def test_a_result_read_after_its_lost_worker_was_settled_is_not_dead_lettered_to
         dead_lettered.append(reason)
         return True
 
-    monkeypatch.setattr(ResilientRequest, "_republish", republish)
-    monkeypatch.setattr(ResilientRequest, "_dead_letter", dead_letter)
+    monkeypatch.setattr(retry, "republish", republish)
+    monkeypatch.setattr(deadletter, "dead_letter", dead_letter)
     monkeypatch.setattr(ResilientRequest, "acknowledge", lambda self: None)
     request = ResilientRequest(_message(headers), app=task.app, task=task, hostname="w1@host")
 
-    request.on_failure(request_module._exception_info(WorkerLostError("exited: SIGKILL")))
+    request.on_failure(deadletter.exception_info(WorkerLostError("exited: SIGKILL")))
     request.on_failure(failure)
 
     if acks_late:  # redelivered once: the next run decides
@@ -484,7 +485,7 @@ def test_task_failed_for_a_lost_worker_names_the_reason_the_envelope_does(
         dead_lettered.append(reason)
         return True
 
-    monkeypatch.setattr(ResilientRequest, "_dead_letter", dead_letter)
+    monkeypatch.setattr(deadletter, "dead_letter", dead_letter)
     monkeypatch.setattr(ResilientRequest, "acknowledge", lambda self: None)
     monkeypatch.setattr(task.backend, "mark_as_failure", lambda *a, **k: None)
     request = ResilientRequest(
@@ -492,7 +493,7 @@ def test_task_failed_for_a_lost_worker_names_the_reason_the_envelope_does(
     )
     try:
         with capture_events() as events:
-            request.on_failure(request_module._exception_info(WorkerLostError("SIGKILL")))
+            request.on_failure(deadletter.exception_info(WorkerLostError("SIGKILL")))
     finally:
         observability.disconnect()
 
@@ -512,7 +513,7 @@ def test_task_failed_for_a_hard_time_limit_past_max_attempts_says_retries_exhaus
         dead_lettered.append(reason)
         return True
 
-    monkeypatch.setattr(ResilientRequest, "_dead_letter", dead_letter)
+    monkeypatch.setattr(deadletter, "dead_letter", dead_letter)
     monkeypatch.setattr(ResilientRequest, "acknowledge", lambda self: None)
     monkeypatch.setattr(task.backend, "mark_as_failure", lambda *a, **k: None)
     request = ResilientRequest(
@@ -548,7 +549,8 @@ def test_the_envelope_and_its_last_attempt_name_the_class_the_task_raised(
     request = ResilientRequest(_message(headers), app=task.app, task=task, hostname="w1@host")
 
     came_back = _unwrap(einfo.exception)
-    envelope = request._envelope(came_back, einfo, request._give_up_reason(came_back, einfo))
+    reason = retry.give_up_reason(request, came_back, einfo)
+    envelope = deadletter._envelope(request, came_back, einfo, reason)
 
     assert envelope["exception"]["type"] == named
     assert envelope["attempts"][-1]["exception_type"] == named

@@ -27,11 +27,10 @@ from test_reason_recovery import (
 )
 from test_reason_recovery import app as app  # the fixture: a throwaway app, finalized
 
-from resilient_tasks import ResilientTask, RetryMixin
-from resilient_tasks import request as request_module
+from resilient_tasks import ResilientTask, RetryMixin, deadletter, publish, retry
 from resilient_tasks.policy import Reason
-from resilient_tasks.request import ResilientRequest
-from resilient_tasks.retry import PublishedByTheWorker
+from resilient_tasks.retry import HandedOverRetry
+from resilient_tasks.worker import ResilientRequest
 
 
 @pytest.fixture
@@ -61,8 +60,8 @@ def settled(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         steps.append(("dead_letter", type(exc).__name__, reason))
         return True
 
-    monkeypatch.setattr(request_module, "confirmed_producer", producer)
-    monkeypatch.setattr(ResilientRequest, "_dead_letter", dead_letter)
+    monkeypatch.setattr(publish, "confirmed_producer", producer)
+    monkeypatch.setattr(deadletter, "dead_letter", dead_letter)
     monkeypatch.setattr(ResilientRequest, "acknowledge", lambda self: steps.append("ack"))
     monkeypatch.setattr(ResilientRequest, "reject", lambda self, requeue: steps.append(
         ("reject", requeue)))  # fmt: skip
@@ -82,7 +81,7 @@ def test_the_child_publishes_nothing_and_hands_the_retry_to_the_main_process(
 
     assert sent == []
     retry = einfo.exception
-    assert isinstance(retry, PublishedByTheWorker)
+    assert isinstance(retry, HandedOverRetry)
     assert isinstance(retry, Retry)
     options = retry.sig["options"]
     assert (retry.sig["task"], options["task_id"], options["retries"]) == (
@@ -141,11 +140,11 @@ def test_a_retry_read_after_its_lost_worker_was_settled_is_not_published(
     # Billiard can report the job lost before it reads the result the child had written.
     task, headers, einfo = retrying(app)
     republished: list[Any] = []
-    monkeypatch.setattr(ResilientRequest, "_republish", lambda self, h, **_: republished.append(
+    monkeypatch.setattr(retry, "republish", lambda self, h, **_: republished.append(
         h) or True)  # fmt: skip
     request = ResilientRequest(_message(headers), app=app, task=task, hostname="w1@host")
 
-    request.on_failure(request_module._exception_info(WorkerLostError("exited: SIGKILL")))
+    request.on_failure(deadletter.exception_info(WorkerLostError("exited: SIGKILL")))
     request.on_failure(einfo)
 
     assert len(republished) == 1  # the lost worker's redelivery, and no retry besides
@@ -192,7 +191,7 @@ def test_an_apply_async_override_reads_a_result_while_the_retry_is_held(
 
     einfo = in_the_child(task, headers)
 
-    assert isinstance(einfo.exception, PublishedByTheWorker)  # handed over, not rejected
+    assert isinstance(einfo.exception, HandedOverRetry)  # handed over, not rejected
     assert queued == [headers["id"]]
     assert sent == []
 

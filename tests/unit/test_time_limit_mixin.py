@@ -11,8 +11,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from resilient_tasks import ResilientTask, RetryMixin, RetryPolicy, TimeLimitMixin
 from resilient_tasks.policy import AttemptState, GiveUp, decide
-from resilient_tasks.request import redeliveries
-from resilient_tasks.timelimit import _pool_name
+from resilient_tasks.timelimit import _pool_name, redeliveries
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ from celery import Celery
 from celery.exceptions import InvalidTaskError
 from kombu.exceptions import ContentDisallowed, DecodeError, SerializerNotInstalled
 
-from resilient_tasks import FailureDetails, ResilientTask, strategy
+from resilient_tasks import FailureDetails, ResilientTask
+from resilient_tasks import unreadable as strategy
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from resilient_tasks.deadletter import publish_envelope
+from resilient_tasks.publish import publish_envelope
 from support.worker import Worker, WorkerRunner
 
 APP = "apps.deadletter_app"

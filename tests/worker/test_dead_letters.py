@@ -17,8 +17,8 @@ from celery import Celery, chain, group
 from celery.result import AsyncResult
 from kombu import Queue
 
-from resilient_tasks.deadletter import confirmed_producer
 from resilient_tasks.envelope import REDACTED, SCHEMA, original_body
+from resilient_tasks.publish import confirmed_producer
 from support.brokers import Broker
 from support.proxy import CuttableProxy
 from support.worker import Worker, WorkerRunner

@@ -26,7 +26,6 @@ from kombu import Queue
 
 from apps.base import ENV_SETTINGS
 from resilient_tasks import ResilientTask
-from resilient_tasks.deadletter import publish_envelope
 from resilient_tasks.dlq import (
     REASONS,
     DeadLetterNotFound,
@@ -41,6 +40,7 @@ from resilient_tasks.dlq import (
 )
 from resilient_tasks.envelope import FailedMessage, build_envelope
 from resilient_tasks.history import Attempt, History
+from resilient_tasks.publish import publish_envelope
 from support.brokers import Broker
 from support.worker import TESTS_DIR, WorkerRunner
 

@@ -46,7 +46,11 @@ def test_celery_autoretry_options_make_the_same_attempts_with_the_same_delays(
     plain_exc, resilient_exc = run_both(worker, plain, resilient)
 
     assert type(plain_exc) is type(resilient_exc) is ConnectionError
-    assert schedule(worker, plain) == schedule(worker, resilient) == expected
+    for delays in (schedule(worker, plain), schedule(worker, resilient)):
+        # The eta counts from the retry, a little after the attempt started (more on a busy
+        # machine): never earlier than the countdown, and well short of the next one.
+        assert len(delays) == len(expected)
+        assert all(e <= d < e + 0.5 for d, e in zip(delays, expected, strict=True)), delays
 
 
 def test_celery_autoretry_on_a_resilient_task_still_records_the_history(

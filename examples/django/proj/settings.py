@@ -2,7 +2,7 @@
 
 In your project the broker is your RabbitMQ or Redis (``CELERY_BROKER_URL``). Without one, this
 example uses Kombu's filesystem transport (with the atomic writes of
-:mod:`resilient_tasks.filesystem`) in the folder ``run.py`` passes in ``EXAMPLE_DIR``, so
+:mod:`resilient_tasks.dev.filesystem`) in the folder ``run.py`` passes in ``EXAMPLE_DIR``, so
 it runs without a server.
 """
 
@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from resilient_tasks import filesystem
+from resilient_tasks.dev import filesystem
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 SECRET_KEY = "example-only-not-secret"

@@ -16,7 +16,7 @@ file names and polling. Workers and clients on one folder should all use it.
 Example::
 
     from celery import Celery
-    from resilient_tasks.filesystem import TRANSPORT, transport_options
+    from resilient_tasks.dev.filesystem import TRANSPORT, transport_options
 
     app = Celery("proj", broker="filesystem://")
     app.conf.broker_transport = TRANSPORT

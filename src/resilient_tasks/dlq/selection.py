@@ -1,0 +1,106 @@
+"""What an operation works on: the app's dead-letter queues, and the dead letters in them that
+its filters (task, id, reason, limit) select."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .model import REASONS, DeadLetter, UnknownReason
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["dead_letter_queues"]
+
+
+def dead_letter_queues(app: Celery) -> tuple[str, ...]:
+    """Every dead-letter queue the app's tasks and routes imply, in task-name order.
+
+    For each registered task with ``dead_letter`` true (built on
+    :class:`~resilient_tasks.DeadLetterMixin`), the queue its route sends it to (the task's own
+    ``queue`` option, else ``task_routes``, else ``task_default_queue``) is put through the
+    task's ``dead_letter_queue`` template. Where the route's routing key differs from the queue
+    name, the queue named after the routing key is included too (the worker names dead-letter
+    queues after the routing key a message arrived with).
+
+    Tasks sent to a queue their route does not name (``apply_async(queue=...)``) are not seen
+    here; name those dead-letter queues explicitly.
+
+    Example::
+
+        app = Celery("billing")
+        app.conf.task_default_queue = "billing"
+
+        @app.task(base=ResilientTask)
+        def sync_invoice(invoice_id): ...
+
+        dead_letter_queues(app)  # ('billing.dlq',)
+    """
+    found: dict[str, None] = {}
+    for name in sorted(app.tasks):
+        task = app.tasks[name]
+        if not getattr(task, "dead_letter", False) or not callable(
+            getattr(task, "dead_letter_queue_for", None)
+        ):
+            continue
+        for source in _source_queues(app, name, getattr(task, "queue", None)):
+            found.setdefault(task.dead_letter_queue_for(source), None)
+    return tuple(found)
+
+
+def _source_queues(app: Celery, name: str, own_queue: object) -> list[str]:
+    try:
+        route = app.amqp.router.route({"queue": own_queue} if own_queue else {}, name)
+        queue = route["queue"]
+        names = [queue.name, route.get("routing_key") or queue.routing_key]
+    except Exception:
+        names = []
+    names = [n for n in names if isinstance(n, str) and n]
+    return list(dict.fromkeys(names)) or [app.conf.task_default_queue]
+
+
+@dataclass(frozen=True)
+class _Filter:
+    task: str | None = None
+    id: str | None = None
+    reason: str | None = None
+
+    def __call__(self, letter: DeadLetter) -> bool:
+        return (
+            (self.task is None or fnmatch.fnmatchcase(letter.task_name or "", self.task))
+            and (self.id is None or letter.id == self.id)
+            and (self.reason is None or letter.reason == self.reason)
+        )
+
+
+def _identity(letter: DeadLetter) -> tuple[Any, ...]:
+    """What tells one dead letter from another from one read of its queue to the next: the
+    envelope itself, or, for one the broker dead-lettered (whose envelope is made from the
+    message, headers and all, and a quorum queue's ``x-delivery-count`` rises with every read),
+    its death and its body."""
+    envelope = letter.envelope
+    if not letter.from_broker:
+        return (letter.queue, envelope)
+    original = envelope.get("original") or {}
+    return (
+        letter.queue,
+        letter.id,
+        envelope.get("dead_lettered_at"),
+        original.get("body"),
+    )
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None (no limit), not {limit!r}")
+
+
+def _check_reason(reason: str | None) -> None:
+    if reason is not None and reason not in REASONS:
+        raise UnknownReason(reason)
+
+
+def _filters_text(task: str | None, reason: str | None) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in (("task", task), ("reason", reason)) if v is not None)

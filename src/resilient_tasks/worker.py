@@ -1,0 +1,125 @@
+"""The task's ``Request`` in the worker's main process: where each outcome is handed to the
+module of its concern.
+
+Celery builds one :class:`celery.worker.request.Request` per message in the main process and
+calls its ``on_timeout`` / ``on_failure`` when an attempt ends badly, before it acknowledges the
+message. :class:`ResilientRequest` only dispatches:
+
+* a retry the pool child handed over: published by :func:`resilient_tasks.retry.publish_retry`;
+* a hard time limit or a lost worker: settled by :mod:`resilient_tasks.timelimit`;
+* a terminal failure: dead-lettered by :func:`resilient_tasks.deadletter.dead_letter`, for the
+  reason :func:`resilient_tasks.retry.give_up_reason` gives;
+
+so that the message is acknowledged only once its envelope, or its retry, is on the broker.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
+from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLostError
+from celery.worker import state
+from celery.worker.request import Request
+
+from . import deadletter, retry, timelimit
+
+__all__ = ["ResilientRequest"]
+
+logger = logging.getLogger(__name__)
+
+# Not failures of the task (control flow), or failures handled elsewhere.
+_NOT_TERMINAL = (Retry, Ignore, Reject, WorkerLostError, TimeLimitExceeded, SystemExit,
+                 KeyboardInterrupt, MemoryError)  # fmt: skip
+
+
+class ResilientRequest(Request):  # type: ignore[misc]
+    """Celery's ``Request`` that settles every terminal outcome before the acknowledgement.
+
+    Set as ``Request`` by :class:`~resilient_tasks.DeadLetterMixin` (so by
+    :class:`~resilient_tasks.ResilientTask`). In the worker's main process it:
+
+    * dead-letters a terminal failure before Celery acknowledges the message
+      (:mod:`resilient_tasks.deadletter`);
+    * publishes the retry the pool child raised
+      (:class:`~resilient_tasks.retry.HandedOverRetry`), with publisher confirms, before
+      Celery acknowledges the message: a child killed in between cannot leave the retry and the
+      unacknowledged original both running (:mod:`resilient_tasks.retry`);
+    * settles a **hard time limit** once, on every Celery version: one retry if the task's
+      policy retries ``TimeLimitExceeded``, else one dead letter (reason ``hard_time_limit``);
+      the task's ``on_failure`` and ``task_failure`` run once, and the message is acknowledged
+      whatever ``acks_on_failure_or_timeout`` / ``acks_on_timeout`` say, so it never comes
+      back in a loop (:mod:`resilient_tasks.timelimit`);
+    * counts **lost workers** (the pool child died) in the message's ``resilient_redeliveries``
+      header (or RabbitMQ's ``x-delivery-count``, whichever is higher): the message is
+      republished with the count raised, and once it has come back ``max_redeliveries`` times
+      it is dead-lettered (reason ``worker_lost``) instead of run again.
+
+    A task that needs its own request class subclasses this one. The ``exc_info`` its
+    ``on_failure`` receives for a failure in the pool child has the exception and the
+    traceback as text (``exc_info.traceback``), but no traceback objects (``exc_info.tb`` is
+    ``None``): the child keeps those (see :mod:`resilient_tasks._einfo`).
+
+    Example::
+
+        from resilient_tasks.worker import ResilientRequest
+
+        class AuditedRequest(ResilientRequest):
+            def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+                audit(self.id)
+                return super().on_failure(exc_info, send_failed_event, return_ok)
+    """
+
+    #: Set once this message's outcome is settled (republished, retried or dead-lettered).
+    _resilient_settled = False
+    #: Read by :class:`~resilient_tasks.RetryMixin` in the pool child: retries are published
+    #: here, by :meth:`on_failure`, before the message is acknowledged.
+    publishes_retries = True
+
+    def on_timeout(self, soft: bool, timeout: float) -> Any:
+        if soft or not timelimit.handles_losses(self.task):
+            return super().on_timeout(soft, timeout)
+        return timelimit.settle_hard_time_limit(self, timeout)
+
+    def on_failure(
+        self, exc_info: ExceptionInfo, send_failed_event: bool = True, return_ok: bool = False
+    ) -> Any:
+        if self._resilient_settled:
+            # Billiard can report a lost worker before it reads the result the child had
+            # already written: the message was settled then (republished, or dead-lettered),
+            # so this later outcome is the superseded run's and must not be dead-lettered too.
+            logger.debug("resilient_tasks: %s[%s] was settled already; ignoring a later "
+                         "outcome of the same run", self.name, self.id)  # fmt: skip
+            return None
+        exc = _unwrap(exc_info.exception)
+        if isinstance(exc, retry.HandedOverRetry) and not retry.publish_retry(self, exc):
+            return None
+        task = self.task
+        if timelimit.handles_losses(task) and not state.should_terminate:
+            if isinstance(exc, TimeLimitExceeded):
+                return timelimit.settle_hard_time_limit(self, exc.args[0] if exc.args else None)
+            if isinstance(exc, WorkerLostError) and not (
+                self._already_revoked or self._already_cancelled or self._succeeded_before()
+            ):
+                celery_on_failure = super().on_failure
+                fail = functools.partial(celery_on_failure, exc_info, send_failed_event, return_ok)
+                return timelimit.settle_worker_lost(self, exc, exc_info, fail)
+        if not getattr(task, "dead_letter", False) or isinstance(exc, _NOT_TERMINAL):
+            return super().on_failure(exc_info, send_failed_event, return_ok)
+        reason = retry.give_up_reason(self, exc, exc_info)
+        if not deadletter.dead_letter(self, exc, exc_info, reason):
+            return None
+        return super().on_failure(exc_info, send_failed_event, return_ok)
+
+    def _succeeded_before(self) -> bool:
+        stored = getattr(self, "_success_was_stored", None)  # Celery >= 5.6
+        return bool(stored()) if stored else False
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    if isinstance(exc, ExceptionWithTraceback):  # how a pool child's exception arrives
+        inner: BaseException = exc.exc
+        return inner
+    return exc

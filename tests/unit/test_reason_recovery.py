@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -473,12 +473,11 @@ def test_a_result_read_after_its_lost_worker_was_settled_is_not_dead_lettered_to
 # -- one reason everywhere -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("acks_late", [True, False])
-def test_task_failed_for_a_lost_worker_names_the_reason_the_envelope_does(
-    app: Celery, monkeypatch: pytest.MonkeyPatch, acks_late: bool
-) -> None:
-    observability.connect()
-    task = raising(app, KeyError("never runs"), acks_late=acks_late, max_redeliveries=0)
+def reasons_given(
+    monkeypatch: pytest.MonkeyPatch, task: Any, settle: Callable[[ResilientRequest], object]
+) -> tuple[list[Reason], list[Reason]]:
+    """Settle a failure in the main process with ``settle``: the reasons it dead-lettered with,
+    and those its ``task_failed`` events named."""
     dead_lettered: list[Reason] = []
 
     def dead_letter(self: ResilientRequest, exc: Any, exc_info: Any, reason: Reason) -> bool:
@@ -491,42 +490,38 @@ def test_task_failed_for_a_lost_worker_names_the_reason_the_envelope_does(
     request = ResilientRequest(
         _message(headers_for(task, retries=0)), app=task.app, task=task, hostname="w1@host"
     )
+    observability.connect()
     try:
         with capture_events() as events:
-            request.on_failure(deadletter.exception_info(WorkerLostError("SIGKILL")))
+            settle(request)
     finally:
         observability.disconnect()
+    return dead_lettered, [e["reason"] for e in events if e["event"] == "task_failed"]
 
-    failed = [e["reason"] for e in events if e["event"] == "task_failed"]
-    assert (dead_lettered, failed) == (["worker_lost"], ["worker_lost"])
+
+@pytest.mark.parametrize("acks_late", [True, False])
+def test_task_failed_for_a_lost_worker_names_the_reason_the_envelope_does(
+    app: Celery, monkeypatch: pytest.MonkeyPatch, acks_late: bool
+) -> None:
+    task = raising(app, KeyError("never runs"), acks_late=acks_late, max_redeliveries=0)
+    lost = deadletter.exception_info(WorkerLostError("SIGKILL"))
+
+    given = reasons_given(monkeypatch, task, lambda request: request.on_failure(lost))
+
+    assert given == (["worker_lost"], ["worker_lost"])
 
 
 def test_task_failed_for_a_hard_time_limit_past_max_attempts_says_retries_exhausted(
     app: Celery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    observability.connect()
     policy = RetryPolicy(retry_on=(TimeLimitExceeded,), max_attempts=1, backoff=0)
     task = raising(app, KeyError("never runs"), retry_policy=policy)
-    dead_lettered: list[Reason] = []
 
-    def dead_letter(self: ResilientRequest, exc: Any, exc_info: Any, reason: Reason) -> bool:
-        dead_lettered.append(reason)
-        return True
-
-    monkeypatch.setattr(deadletter, "dead_letter", dead_letter)
-    monkeypatch.setattr(ResilientRequest, "acknowledge", lambda self: None)
-    monkeypatch.setattr(task.backend, "mark_as_failure", lambda *a, **k: None)
-    request = ResilientRequest(
-        _message(headers_for(task, retries=0)), app=task.app, task=task, hostname="w1@host"
+    given = reasons_given(
+        monkeypatch, task, lambda request: request.on_timeout(soft=False, timeout=1.0)
     )
-    try:
-        with capture_events() as events:
-            request.on_timeout(soft=False, timeout=1.0)
-    finally:
-        observability.disconnect()
 
-    failed = [e["reason"] for e in events if e["event"] == "task_failed"]
-    assert (dead_lettered, failed) == (["retries_exhausted"], ["retries_exhausted"])
+    assert given == (["retries_exhausted"], ["retries_exhausted"])
 
 
 # -- the envelope names what was raised ----------------------------------------------------------

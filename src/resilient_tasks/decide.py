@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias
 
 from celery.exceptions import MaxRetriesExceededError, SoftTimeLimitExceeded, TimeLimitExceeded
 
@@ -25,12 +25,10 @@ from .classify import retry_after_seconds
 from .exceptions import Permanent, RetryAfter
 from .history import History, run_started
 
-if TYPE_CHECKING:
-    from .policy import RetryPolicy
-
 __all__ = [
     "AttemptState",
     "GiveUp",
+    "Policy",
     "Reason",
     "RetryIn",
     "backoff_enabled",
@@ -64,6 +62,22 @@ def _matches(matchers: tuple[Matcher, ...], chain: tuple[BaseException, ...]) ->
             except Exception:
                 logger.exception("retry predicate %r raised; counted as no match", matcher)
     return False
+
+
+class Policy(Protocol):
+    """What :func:`decide` reads of a policy: :class:`~resilient_tasks.RetryPolicy` is one.
+    (A protocol, so that this module needs nothing from :mod:`resilient_tasks.policy`, which
+    builds on it.)"""
+
+    @property
+    def retry_on(self) -> tuple[Matcher, ...]: ...
+    @property
+    def give_up_on(self) -> tuple[Matcher, ...]: ...
+    @property
+    def max_attempts(self) -> int | None: ...
+    @property
+    def max_elapsed(self) -> float | None: ...
+    def next_delay(self, state: AttemptState) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -233,7 +247,7 @@ def unretried_reason(exc: BaseException) -> Reason:
     return "exception"
 
 
-def decide(policy: RetryPolicy, state: AttemptState) -> RetryIn | GiveUp:
+def decide(policy: Policy, state: AttemptState) -> RetryIn | GiveUp:
     """Decide what follows a failed attempt. Pure, apart from a wait strategy's own jitter.
 
     In order: :class:`~resilient_tasks.Permanent` anywhere in the chain gives up
@@ -329,7 +343,7 @@ def decide_for(task: Any, state: AttemptState) -> RetryIn | GiveUp:
         ...            AttemptState("t", attempt=1, exception=ConnectionError()))
         RetryIn(delay=1.0)
     """
-    policy: RetryPolicy | None = getattr(task, "retry_policy", None)
+    policy: Policy | None = getattr(task, "retry_policy", None)
     if policy is None:
         return GiveUp(celery_reason(task, state))
     return decide(policy, state)

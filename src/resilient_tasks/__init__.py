@@ -15,6 +15,7 @@ from __future__ import annotations
 from . import _einfo  # noqa: F401 (connects the receivers that keep failures light)
 from .classify import TRANSIENT_ERRORS
 from .deadletter import DeadLetterMixin
+from .delayed import DelayedDeliveryMixin
 from .exceptions import ConfigurationError, Permanent, RetryAfter
 from .hooks import FailureDetails, FailureHooksMixin
 from .observability import ObservabilityMixin
@@ -27,6 +28,7 @@ __all__ = [
     "TRANSIENT_ERRORS",
     "ConfigurationError",
     "DeadLetterMixin",
+    "DelayedDeliveryMixin",
     "FailureDetails",
     "FailureHooksMixin",
     "ObservabilityMixin",

@@ -20,6 +20,7 @@ purge), 2 for a usage error (an unknown option or ``--reason``, ``--limit 0``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,7 @@ from typing import Any, TypeVar
 import click
 from kombu.exceptions import OperationalError
 
+from .delayed import delayed_stats
 from .dlq import (
     REASONS,
     DeadLetter,
@@ -41,7 +43,7 @@ from .dlq import (
     ReplayReport,
 )
 
-__all__ = ["dlq"]
+__all__ = ["delayed", "dlq"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _COLUMNS = ("ID", "TASK", "REASON", "EXCEPTION", "DEAD-LETTERED AT", "ATTEMPTS", "REDELIVERED")
@@ -208,11 +210,11 @@ def _row(letter: DeadLetter) -> tuple[str, ...]:
     )
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(cell) for cell in column) for column in zip(_COLUMNS, *rows, strict=False)]
+def _table(rows: list[tuple[str, ...]], columns: tuple[str, ...] = _COLUMNS) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(columns, *rows, strict=False)]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in (_COLUMNS, *rows)
+        for row in (columns, *rows)
     )
 
 
@@ -384,3 +386,42 @@ def purge(
         f"Purged {_plural(report.purged, 'dead letter')} from {_queues_text(letters)}."
         + (f" {_plural(gone, 'other')} had gone meanwhile." if gone else "")
     )
+
+
+@click.group(name="delayed")
+def delayed() -> None:
+    """Delayed messages that wait on the broker (retries with a countdown, ``countdown=`` /
+    ``eta=`` publishes of library tasks).
+
+    Example:
+
+    \b
+        celery -A proj delayed stats
+        celery -A proj delayed stats --json
+    """
+
+
+@delayed.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per queue.")
+@click.pass_context
+def stats(ctx: click.Context, as_json: bool) -> None:
+    """How many delayed messages wait, per queue and task, and when the next is due."""
+    app = getattr(ctx.obj, "app", None)
+    if app is None:
+        raise click.UsageError("run it as a Celery sub-command: celery -A proj delayed stats")
+    try:
+        waiting = delayed_stats(app)
+    except OperationalError as exc:
+        raise click.ClickException(f"broker error: {exc}") from exc
+    if as_json:
+        for queue in waiting:
+            click.echo(json.dumps(dataclasses.asdict(queue)))
+        return
+    if not waiting:
+        click.echo("No delayed messages wait on the broker.")
+        return
+    rows: list[tuple[str, ...]] = []
+    for queue in waiting:
+        tasks = ", ".join(f"{name} {count}" for name, count in sorted(queue.tasks.items()))
+        rows.append((queue.queue, str(queue.waiting), queue.next_due or "-", tasks))
+    click.echo(_table(rows, ("QUEUE", "WAITING", "NEXT DUE", "TASKS")))

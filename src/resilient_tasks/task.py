@@ -7,6 +7,7 @@ from typing import Any
 from celery import Task
 
 from .deadletter import DeadLetterMixin
+from .delayed import DelayedDeliveryMixin
 from .hooks import FailureHooksMixin
 from .observability import ObservabilityMixin
 from .options import (
@@ -21,7 +22,14 @@ __all__ = ["ResilientTask"]
 
 #: The options this library adds to Celery's, for spotting a misspelt one.
 LIBRARY_OPTIONS = frozenset(
-    {"retry_policy", "dead_letter", "dead_letter_queue", "max_redeliveries", "failure_handlers"}
+    {
+        "retry_policy",
+        "dead_letter",
+        "dead_letter_queue",
+        "delayed_delivery",
+        "max_redeliveries",
+        "failure_handlers",
+    }
 )
 
 
@@ -29,6 +37,7 @@ class ResilientTask(
     ObservabilityMixin,
     FailureHooksMixin,
     RetryMixin,
+    DelayedDeliveryMixin,
     TimeLimitMixin,
     DeadLetterMixin,
     Task,  # type: ignore[misc]
@@ -38,8 +47,10 @@ class ResilientTask(
     It combines :class:`~resilient_tasks.ObservabilityMixin` (structlog context while it runs),
     :class:`~resilient_tasks.FailureHooksMixin` (``failure_handlers``,
     ``on_give_up``, ``on_retry``), :class:`~resilient_tasks.RetryMixin` (``retry_policy``),
-    :class:`~resilient_tasks.TimeLimitMixin` (time limits, ``max_redeliveries``) and
-    :class:`~resilient_tasks.DeadLetterMixin` (``dead_letter``, ``dead_letter_queue``).
+    :class:`~resilient_tasks.DelayedDeliveryMixin` (``delayed_delivery``: delayed messages wait
+    on the broker), :class:`~resilient_tasks.TimeLimitMixin` (time limits,
+    ``max_redeliveries``) and :class:`~resilient_tasks.DeadLetterMixin` (``dead_letter``,
+    ``dead_letter_queue``).
 
     Use it as the base of a task; nothing else in the project changes. Options are validated
     when the task class is created (at import, or at the latest when the app is finalized):

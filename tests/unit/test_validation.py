@@ -118,6 +118,7 @@ TASK_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"failure_handlers": [KeyError]}, "failure_handlers=[<class 'KeyError'>]: expected a mapping"),
     ({"failure_handlers": {"KeyError": print}}, "key 'KeyError' is not an exception type"),
     ({"failure_handlers": {KeyError: 42}}, "the handler for KeyError is not callable"),
+    ({"delayed_delivery": "later"}, "delayed_delivery='later': expected \"broker\""),
     ({"max_redeliveries": -1}, "max_redeliveries=-1: expected a whole number >= 0"),
     ({"max_redeliveries": None}, "max_redeliveries=None: expected a whole number >= 0"),
     ({"max_redeliveries": 2.0}, "max_redeliveries=2.0: expected a whole number >= 0"),

@@ -1,0 +1,124 @@
+"""Delayed messages wait on the broker (Redis), not in a worker's memory.
+
+A retry with a countdown, or ``apply_async(countdown=...)``, of a library task is held in a
+sorted set on Redis until it is due; a step of every worker moves it onto its queue then.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from apps.delayed_tasks import define
+from resilient_tasks.delayed import delayed_stats
+from support.worker import Worker, WorkerRunner
+
+APP = "apps.delayed_app"
+pytestmark = [pytest.mark.worker, pytest.mark.parametrize("broker", ["redis"], indirect=True)]
+
+
+def runs(worker: Worker, task: str, task_id: str | None = None) -> list[dict[str, Any]]:
+    return [
+        a
+        for a in worker.attempts()
+        if a.get("task") == task and (task_id is None or a.get("id") == task_id)
+    ]
+
+
+def publish(worker: Worker, name: str, *args: Any, **options: Any) -> Any:
+    """Publish through the task class, as a project does (``send_task`` by name bypasses it)."""
+    tasks = worker.client.tasks
+    task = tasks[name] if name in tasks else define(worker.client)[name]
+    return task.apply_async((*args, str(worker.log)), **options)
+
+
+def waiting(worker: Worker) -> int:
+    return sum(q.waiting for q in delayed_stats(worker.client) if q.queue == worker.queue)
+
+
+def test_a_retry_longer_than_the_visibility_timeout_runs_once(workers: WorkerRunner) -> None:
+    # Celery's ETA message would be restored from the unacked set every 4 s, and run again
+    # by each worker that gets it back (celery#4400): here it waits in Redis instead.
+    short = {
+        **workers.broker.transport_options,
+        "visibility_timeout": 4,
+        "unacked_restore_throttle": 1,
+    }
+    settings = {"broker_transport_options": short}
+    worker = workers.start(APP, settings=settings)
+    workers.start(APP, queues=[worker.queue], settings=settings)
+
+    result = publish(worker, "delayed.later", 12.0)
+
+    assert result.get(timeout=40) == "done"
+    time.sleep(5.0)  # a second copy, if any, would have run by now
+    attempts = runs(worker, "delayed.later", result.id)
+    assert [a["retries"] for a in attempts] == [0, 1]
+    assert attempts[1]["t"] - attempts[0]["t"] >= 12.0
+
+
+def test_delayed_messages_wait_on_the_broker_and_new_work_is_not_held_up(
+    workers: WorkerRunner,
+) -> None:
+    worker = workers.start(APP, concurrency=1)
+    later = [publish(worker, "delayed.note", countdown=300) for _ in range(200)]
+    worker.wait_for(lambda: waiting(worker) == 200, what="200 delayed messages on Redis")
+
+    started = time.monotonic()
+    now = [publish(worker, "delayed.note") for _ in range(5)]
+
+    assert [r.get(timeout=10) for r in now] == ["noted"] * 5
+    assert time.monotonic() - started < 10
+    assert not any(runs(worker, "delayed.note", r.id) for r in later)
+
+
+def test_a_worker_killed_while_retries_wait_loses_none_and_runs_none_early(
+    workers: WorkerRunner,
+) -> None:
+    worker = workers.start(APP)
+    results = [publish(worker, "delayed.later", 6.0) for _ in range(50)]
+    worker.wait_for(
+        lambda: len([a for a in worker.attempts() if a["retries"] == 0]) == 50,
+        what="the 50 first attempts",
+    )
+    worker.wait_for(lambda: waiting(worker) == 50, what="the 50 retries on Redis")
+
+    workers.stop(worker, signal.SIGKILL, timeout=0)
+    workers.start(APP, queues=[worker.queue])
+
+    assert [r.get(timeout=40) for r in results] == ["done"] * 50
+    time.sleep(2.0)
+    for result in results:
+        first, second = runs(worker, "delayed.later", result.id)  # its log, whoever ran it
+        due = datetime.fromisoformat(second["eta"]).timestamp()
+        assert second["t"] >= due >= first["t"] + 6.0 - 0.01
+
+
+def test_a_revoked_delayed_task_is_revoked_when_it_arrives(workers: WorkerRunner) -> None:
+    worker = workers.start(APP, settings={"worker_enable_remote_control": True})
+    result = publish(worker, "delayed.note", countdown=3)
+    worker.wait_for(lambda: waiting(worker) == 1, what="the delayed message on Redis")
+
+    worker.client.control.revoke(result.id)
+
+    worker.wait_for(lambda: result.state == "REVOKED", timeout=15, what="the task revoked")
+    assert runs(worker, "delayed.note", result.id) == []
+
+
+def test_delayed_stats_counts_what_waits_by_queue_and_task(workers: WorkerRunner) -> None:
+    worker = workers.start(APP)
+    for _ in range(3):
+        publish(worker, "delayed.note", countdown=120)
+    worker.wait_for(lambda: waiting(worker) == 3, what="3 delayed messages")
+
+    shown = worker.celery("delayed", "stats", "--json")
+
+    assert shown.returncode == 0, shown.stderr
+    (line,) = [json.loads(x) for x in shown.stdout.splitlines() if worker.queue in x]
+    assert (line["queue"], line["waiting"], line["tasks"]) == (worker.queue, 3, {"delayed.note": 3})
+    assert line["next_due"] is not None

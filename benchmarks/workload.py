@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from resilient_tasks.delayed import delayed_stats
 from support.brokers import Broker, make_broker
 from support.worker import Worker, WorkerRunner
 
@@ -351,7 +352,9 @@ def retry_storm(
         deadline = time.monotonic() + hold_timeout
         while run.depth(run.queue) and time.monotonic() < deadline:
             time.sleep(0.25)
-        waiting = run.depth(run.queue)
+        # A retry that waits on the broker is in its waiting room, not on the queue's list.
+        delayed = sum(q.waiting for q in delayed_stats(run.client) if q.queue == run.queue)
+        waiting = run.depth(run.queue) + delayed
         held_after = time.time() - began
         time.sleep(2.0)
         after = _memory(worker)
@@ -376,6 +379,7 @@ def retry_storm(
         "after": after,
         "held_in_worker": held,
         "still_on_broker": waiting,
+        "delayed_on_broker": delayed,
         "growth_kib": growth,
         "main_growth_kib": main_growth,
         "children_growth_kib": growth - main_growth,

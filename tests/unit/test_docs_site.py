@@ -8,11 +8,11 @@ mkdocs and run with the rest of the suite.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from support.project import run_pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -65,14 +65,7 @@ def test_the_documented_test_module_passes_under_pytest(tmp_path: Path) -> None:
     ((page, match),) = blocks(PYTEST_BLOCK)
     (tmp_path / "test_documented.py").write_text(match["code"], encoding="utf-8")
 
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_documented.py"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    run = run_pytest(tmp_path, "test_documented.py")
 
     tests = match["code"].count("\ndef test_")
     assert run.returncode == 0, f"{page}:\n{run.stdout[-4000:]}{run.stderr[-2000:]}"

@@ -35,6 +35,7 @@ from resilient_tasks.observability import (
     ObservabilityMixin,
 )
 from resilient_tasks.testing import CapturedEvents, capture_events
+from support.project import run_pytest
 
 app = Celery("observability-tests", set_as_current=False)
 app.conf.task_default_queue = "billing"
@@ -815,14 +816,7 @@ def test_dead_lettered_in_process(resilient_events, dead_letters, no_backoff):
 def test_a_users_project_gets_the_fixtures_from_the_entry_point(tmp_path: Path) -> None:
     (tmp_path / "test_users.py").write_text(USERS_TEST, encoding="utf-8")
 
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_users.py"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    run = run_pytest(tmp_path, "test_users.py")
 
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "1 passed" in run.stdout

@@ -13,11 +13,11 @@ in-process worker on the queue the container's worker would consume.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from support.project import run_pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "howto" / "testing.md"
@@ -129,14 +129,7 @@ def test_the_documented_tests_pass_on_the_generated_worker(tmp_path: Path) -> No
     (here / "conftest.py").write_text(NO_DOCKER, encoding="utf-8")
     (here / "test_billing.py").write_text(page["tests/test_billing.py"], encoding="utf-8")
 
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/no_docker"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    run = run_pytest(tmp_path, "tests/no_docker")
 
     tests = page["tests/test_billing.py"].count("\ndef test_")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

@@ -206,15 +206,11 @@ class _WaitingRoom:
         plain: Any = type(app.connection_for_write().transport)
         self.connection: Connection = app.connection_for_write(transport=_delaying(plain))
         self.lock = threading.Lock()
-        self.producer: Producer | None = None
+        # On the connection, not a channel: the channel opens inside the publish, so a broker
+        # that cannot be reached is retried by the publish's retry policy, as any publish is.
+        self.producer = Producer(self.connection)  # type: ignore[no-untyped-call]
 
-    def acquire(self) -> Producer:
-        if self.producer is None:
-            self.producer = Producer(self.connection.default_channel)  # type: ignore[no-untyped-call]
-        return self.producer
-
-    def reset(self) -> None:
-        self.producer = None
+    def close(self) -> None:
         self.connection.close()  # type: ignore[no-untyped-call]
 
 
@@ -226,22 +222,31 @@ def _delaying(transport: Any) -> type:
     return type(f"Delaying{transport.__name__}", (transport,), {"Channel": channel})
 
 
-_rooms: dict[tuple[int, int], _WaitingRoom] = {}
+# Per app: the process and broker setting it was made for, and the room.
+_rooms: weakref.WeakKeyDictionary[Celery, tuple[int, object, _WaitingRoom]] = (
+    weakref.WeakKeyDictionary()
+)
 _rooms_lock = threading.Lock()
 
 
 @contextmanager
 def _redis_waiting_room(app: Celery) -> Iterator[Producer]:
-    key = (id(app), os.getpid())  # a pool child makes its own: sockets are not shared
+    made_for = (os.getpid(), _broker_setting(app))  # a pool child makes its own socket
     with _rooms_lock:
-        room = _rooms.get(key)
-        if room is None:
-            room = _rooms[key] = _WaitingRoom(app)
+        known = _rooms.get(app)
+        if known is None or (known[0], known[1]) != made_for:
+            known = _rooms[app] = (*made_for, _WaitingRoom(app))
+    room = known[2]
     with room.lock:
         try:
-            yield room.acquire()
+            yield room.producer
         except BaseException:
-            room.reset()
+            # A publish cut short may leave the connection mid-conversation: the next one
+            # starts afresh.
+            with _rooms_lock:
+                if _rooms.get(app) is known:
+                    del _rooms[app]
+            room.close()
             raise
 
 
@@ -313,35 +318,37 @@ class DelayedMover(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._stop: threading.Event | None = None
 
     def start(self, parent: Any) -> None:
         if parent.connection is None or parent.connection.transport.driver_type != "redis":
             return
-        queues = [queue.name for queue in parent.task_consumer.queues]
-        self._stop.clear()
-        self._thread = threading.Thread(
+        # A new event for each thread: one that outlives its stop (stuck on a broker that does
+        # not answer) still sees its own event set, and ends.
+        self._stop = stop = threading.Event()
+        threading.Thread(
             target=self._run,
-            args=(parent.app, queues),
+            args=(parent.app, parent.task_consumer, stop),
             name="resilient_tasks.delayed",
             daemon=True,
-        )
-        self._thread.start()
+        ).start()
 
     def stop(self, parent: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
 
     shutdown = stop
 
-    def _run(self, app: Celery, queues: list[str]) -> None:
+    def _run(self, app: Celery, consumer: Any, stop: threading.Event) -> None:
         failing = False
-        with app.connection_for_read() as connection:
-            while not self._stop.is_set():
+        # The queues are read at every pass: add_consumer can add one while the worker runs.
+        # Written through the app's write connection, so moved through it too.
+        options = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+        with app.connection_for_write(transport_options=options) as connection:
+            while not stop.is_set():
                 try:
+                    queues = [queue.name for queue in consumer.queues]
                     wait = self._move(connection.default_channel, queues)
                     if failing:
                         logger.warning("resilient_tasks: moving delayed messages again")
@@ -349,15 +356,14 @@ class DelayedMover(bootsteps.StartStopStep):  # type: ignore[misc]
                 except Exception:
                     if not failing:
                         logger.warning(
-                            "resilient_tasks: cannot move delayed messages of %s; they wait "
-                            "on the broker and are moved once it answers",
-                            ", ".join(queues),
+                            "resilient_tasks: cannot move delayed messages; they wait on the "
+                            "broker and are moved once it answers",
                             exc_info=True,
                         )
                     failing = True
                     wait = 2.0
                     connection.close()
-                self._stop.wait(wait)
+                stop.wait(wait)
 
     @staticmethod
     def _move(channel: Any, queues: list[str]) -> float:
@@ -396,7 +402,7 @@ def delayed_stats(app: Celery) -> list[DelayedQueue]:
         for waiting in delayed_stats(app):
             print(waiting.queue, waiting.waiting, waiting.next_due, waiting.tasks)
     """
-    with app.connection_for_read() as connection:
+    with app.connection_for_write() as connection:  # where the messages were written
         if connection.transport.driver_type != "redis":
             return []
         channel = connection.default_channel
@@ -434,9 +440,13 @@ def _task_of(member: bytes | str) -> str:
 _drivers: weakref.WeakKeyDictionary[Celery, tuple[object, str]] = weakref.WeakKeyDictionary()
 
 
+def _broker_setting(app: Celery) -> object:
+    return (app.conf.broker_write_url or app.conf.broker_url, app.conf.broker_transport)
+
+
 def _driver_type(app: Celery) -> str:
     """The app's transport (``"redis"``, ``"amqp"``, ...), looked up once per broker setting."""
-    setting = (app.conf.broker_write_url or app.conf.broker_url, app.conf.broker_transport)
+    setting = _broker_setting(app)
     known = _drivers.get(app)
     if known is None or known[0] != setting:
         known = _drivers[app] = (setting, app.connection_for_write().transport.driver_type)

@@ -122,3 +122,38 @@ def test_delayed_stats_counts_what_waits_by_queue_and_task(workers: WorkerRunner
     (line,) = [json.loads(x) for x in shown.stdout.splitlines() if worker.queue in x]
     assert (line["queue"], line["waiting"], line["tasks"]) == (worker.queue, 3, {"delayed.note": 3})
     assert line["next_due"] is not None
+
+
+def test_a_queue_the_worker_starts_consuming_later_gets_its_delayed_messages(
+    workers: WorkerRunner,
+) -> None:
+    worker = workers.start(APP, settings={"worker_enable_remote_control": True})
+    later = workers.broker.queue_name("added")
+    workers.queues.add(later)
+    worker.client.control.add_consumer(later, reply=True, timeout=5)
+
+    result = publish(worker, "delayed.note", countdown=1, queue=later)
+
+    assert result.get(timeout=15) == "noted"
+
+
+def test_an_app_whose_broker_changes_delays_on_the_new_broker(workers: WorkerRunner) -> None:
+    app = workers.start(APP).client
+    other = workers.broker.url.rsplit("/", 1)[0] + "/15"
+    queue = workers.broker.queue_name("moved")
+    workers.queues.add(queue)
+    note = define(app)["delayed.note"]
+    note.apply_async(("-",), queue=queue, countdown=60)
+
+    app.conf.broker_url = other
+    try:
+        note.apply_async(("-",), queue=queue, countdown=60)
+        counts = {q.queue: q.waiting for q in delayed_stats(app)}
+    finally:
+        with app.connection_for_write() as connection:
+            client = connection.default_channel.client
+            keys = list(client.scan_iter(match=f"*{workers.broker.prefix}*"))
+            if keys:
+                client.delete(*keys)
+
+    assert counts == {queue: 1}

@@ -161,15 +161,8 @@ def list_(
     queue holds messages that are not dead letters (they are not listed).
     """
     letters = _dead_letters(ctx, queues)
-    others: dict[str, list[str]] = {}
     with _errors(letters):
-        found = letters.list(
-            task=task,
-            id=task_id,
-            reason=reason,
-            limit=limit,
-            others=lambda queue, what: others.setdefault(queue, []).append(what),
-        )
+        found, others = _listed(letters, task, task_id, reason, limit)
     if as_json:
         for letter in found:
             click.echo(json.dumps(letter.redacted(letters.redact_patterns), default=str))
@@ -182,6 +175,25 @@ def list_(
     if task_id is not None and not found:
         click.echo(f"No dead letter of task {task_id} in {_queues_text(letters)}.", err=True)
         ctx.exit(1)
+
+
+def _listed(
+    letters: DeadLetters,
+    task: str | None,
+    task_id: str | None,
+    reason: str | None,
+    limit: int | None,
+) -> tuple[list[DeadLetter], dict[str, list[str]]]:
+    """The matching dead letters, and per queue the messages found there that are not."""
+    others: dict[str, list[str]] = {}
+    found = letters.list(
+        task=task,
+        id=task_id,
+        reason=reason,
+        limit=limit,
+        others=lambda queue, what: others.setdefault(queue, []).append(what),
+    )
+    return found, others
 
 
 def _fail_on_others(ctx: click.Context, others: dict[str, list[str]]) -> None:
@@ -354,16 +366,9 @@ def purge(
     letters (a live task queue), or --id matches nothing.
     """
     letters = _dead_letters(ctx, queues)
-    others: dict[str, list[str]] = {}
     with _errors(letters):
         letters.check()  # stops at the first message that is not a dead letter
-        matching = letters.list(
-            task=task,
-            id=task_id,
-            reason=reason,
-            limit=limit,
-            others=lambda queue, what: others.setdefault(queue, []).append(what),
-        )
+        matching, others = _listed(letters, task, task_id, reason, limit)
     if others:  # arrived since the check
         _fail_on_others(ctx, others)
     if task_id is not None and not matching:

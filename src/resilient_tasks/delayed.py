@@ -120,18 +120,19 @@ def delayed_delivery_of(task: Any) -> Mode:
         'broker'
     """
     app = task.app
-    wanted = getattr(task, "delayed_delivery", None) or app.conf.get(DELAYED_DELIVERY_SETTING)
-    redis = _driver_type(app) == "redis"
+    wanted: Mode | None = getattr(task, "delayed_delivery", None) or app.conf.get(
+        DELAYED_DELIVERY_SETTING
+    )
+    driver = _driver_type(app)
     if wanted is None:
-        return "broker" if redis else "worker"
-    if wanted == "broker" and not redis:
+        return "broker" if driver == "redis" else "worker"
+    if wanted == "broker" and driver != "redis":
         _warn_once(
-            f"resilient_tasks: delayed_delivery='broker' is not available on the "
-            f"{_driver_type(app)} transport yet; the worker holds delayed messages of "
-            f"{task.name}, as Celery does"
+            f"resilient_tasks: delayed_delivery='broker' is not available on the {driver} "
+            f"transport yet; the worker holds delayed messages of {task.name}, as Celery does"
         )
         return "worker"
-    return "broker" if wanted == "broker" else "worker"
+    return wanted
 
 
 class DelayedDeliveryMixin(StepsMixin):
@@ -176,6 +177,16 @@ class DelayedDeliveryMixin(StepsMixin):
     @classmethod
     def on_bound(cls, app: Celery) -> None:
         super().on_bound(app)
+        # The app's default is checked here, when the task is bound to the app (at the latest
+        # when the app is finalized), like the task's own option: never at the first publish.
+        setting = app.conf.get(DELAYED_DELIVERY_SETTING)
+        if setting is not None and setting not in MODES:
+            raise invalid(
+                cls,
+                DELAYED_DELIVERY_SETTING,
+                setting,
+                'the app setting expects "broker" or "worker", or no value for the default',
+            )
         app.steps["consumer"].add(DelayedMover)
 
     def apply_async(self, *args: Any, **options: Any) -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from resilient_tasks import ResilientTask
+from resilient_tasks import ConfigurationError, ResilientTask
 from resilient_tasks.delayed import DELAYED_DELIVERY_SETTING, delayed_delivery_of
 
 
@@ -47,3 +47,8 @@ def test_a_worker_of_an_app_with_a_library_task_moves_delayed_messages() -> None
     task = task_on("redis://127.0.0.1:6379/0")
 
     assert "DelayedMover" in {step.__name__ for step in task.app.steps["consumer"]}
+
+
+def test_an_unknown_app_setting_is_refused_when_the_task_is_bound() -> None:
+    with pytest.raises(ConfigurationError, match=r"resilient_tasks_delayed_delivery='brokr'"):
+        task_on("redis://127.0.0.1:6379/0", setting="brokr")

@@ -13,8 +13,12 @@ is ``"broker"`` to the broker's own waiting room instead:
   encoding); only its last step, the push onto the queue's list, becomes an add to the set.
   :class:`DelayedMover`, a step of every worker's consumer, moves what is due onto the queue's
   list in one Lua script per batch: a mover killed halfway loses or repeats nothing.
-* **Other transports** (RabbitMQ for now, the embedded filesystem broker): the worker holds the
-  message, as Celery does; ``delayed_delivery="broker"`` logs that once.
+* **RabbitMQ**: durable queues whose TTL dead-letters the message onward, the topology of
+  Kombu's (and Celery's) native delayed delivery, and from its last exchange straight into the
+  one queue the message is for (:mod:`resilient_tasks._delayed_rabbitmq`). Delays are whole
+  seconds, rounded up.
+* **Other transports** (the embedded filesystem broker): the worker holds the message, as
+  Celery does; ``delayed_delivery="broker"`` logs that once.
 
 The app setting ``resilient_tasks_delayed_delivery`` sets the default for every task of the app;
 without it, Redis delays on the broker and every other transport in the worker.
@@ -40,6 +44,7 @@ from kombu.connection import Connection
 from kombu.messaging import Producer
 from kombu.utils.json import dumps
 
+from ._delayed_rabbitmq import delaying_producer, level_counts
 from ._steps import StepsMixin
 from .options import invalid
 
@@ -64,6 +69,8 @@ logger = logging.getLogger(__name__)
 DELAYED_DELIVERY_SETTING = "resilient_tasks_delayed_delivery"
 Mode = Literal["broker", "worker"]
 MODES: tuple[Mode, ...] = ("broker", "worker")
+#: The transports (Kombu driver types) where a delayed message can wait on the broker.
+WAITING_ROOMS = ("redis", "amqp")
 #: The sorted set of a queue's delayed messages: this, then the queue's name.
 ZSET_PREFIX = "resilient_tasks.delayed."
 #: How many due messages one run of the move script takes.
@@ -106,8 +113,9 @@ return {moved, math.max(0, tonumber(next[2]) - ms)}
 
 def delayed_delivery_of(task: Any) -> Mode:
     """Where a delayed message of ``task`` waits: its ``delayed_delivery``, else the app's
-    ``resilient_tasks_delayed_delivery``, else ``"broker"`` on Redis and ``"worker"`` on every
-    other transport; ``"worker"`` where the broker has no waiting room of the library's.
+    ``resilient_tasks_delayed_delivery``, else ``"broker"`` on Redis and RabbitMQ and
+    ``"worker"`` on every other transport; ``"worker"`` where the broker has no waiting room
+    of the library's.
 
     Example::
 
@@ -125,8 +133,8 @@ def delayed_delivery_of(task: Any) -> Mode:
     )
     driver = _driver_type(app)
     if wanted is None:
-        return "broker" if driver == "redis" else "worker"
-    if wanted == "broker" and driver != "redis":
+        return "broker" if driver in WAITING_ROOMS else "worker"
+    if wanted == "broker" and driver not in WAITING_ROOMS:
         _warn_once(
             f"resilient_tasks: delayed_delivery='broker' is not available on the {driver} "
             f"transport yet; the worker holds delayed messages of {task.name}, as Celery does"
@@ -198,9 +206,17 @@ class DelayedDeliveryMixin(StepsMixin):
             and not self.app.conf.task_always_eager
             and delayed_delivery_of(self) == "broker"
         ):
-            with _redis_waiting_room(self.app) as producer:
-                options["producer"] = producer
-                options.pop("connection", None)
+            if _driver_type(self.app) == "redis":
+                with _redis_waiting_room(self.app) as producer:
+                    options["producer"] = producer
+                    options.pop("connection", None)
+                    return super().apply_async(*args, **options)
+            given = options.get("producer")
+            connection = options.pop("connection", None)
+            if given is None and connection is not None:  # what Celery makes of connection=
+                given = self.app.amqp.Producer(connection, auto_declare=False)
+            with self.app.producer_or_acquire(given) as producer:
+                options["producer"] = delaying_producer(producer, self.app)
                 return super().apply_async(*args, **options)
         return super().apply_async(*args, **options)
 
@@ -405,8 +421,11 @@ class DelayedQueue:
 
 
 def delayed_stats(app: Celery) -> list[DelayedQueue]:
-    """The delayed messages waiting on the app's broker, per queue (Redis; an empty list on
-    other transports, whose worker holds them).
+    """The delayed messages waiting on the app's broker: on Redis per destination queue, with
+    the next due time and the count per task; on RabbitMQ per delay queue of the app's topology
+    (``celery_delayed_{L}`` holds what still waits 2**L seconds or more), without due times or
+    tasks, which RabbitMQ cannot show without taking the messages. An empty list on other
+    transports, whose worker holds them.
 
     Example::
 
@@ -414,7 +433,11 @@ def delayed_stats(app: Celery) -> list[DelayedQueue]:
             print(waiting.queue, waiting.waiting, waiting.next_due, waiting.tasks)
     """
     with app.connection_for_write() as connection:  # where the messages were written
-        if connection.transport.driver_type != "redis":
+        driver = connection.transport.driver_type
+        if driver == "amqp":
+            counts = level_counts(app, connection.default_channel)
+            return [DelayedQueue(name, count, None) for name, count in counts.items() if count]
+        if driver != "redis":
             return []
         channel = connection.default_channel
         prefix = getattr(channel, "global_keyprefix", "") or ""

@@ -25,6 +25,7 @@ from celery.worker import state
 from celery.worker.request import Request
 
 from . import deadletter, retry, timelimit
+from ._delayed_rabbitmq import restore_route
 
 __all__ = ["ResilientRequest"]
 
@@ -77,6 +78,12 @@ class ResilientRequest(Request):  # type: ignore[misc]
     #: Read by :class:`~resilient_tasks.RetryMixin` in the pool child: retries are published
     #: here, by :meth:`on_failure`, before the message is acknowledged.
     publishes_retries = True
+
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        # A message delayed on RabbitMQ arrives from the delay topology's exchange: Celery
+        # reads the route it was published with (for a retry's route) from delivery_info.
+        restore_route(message)
+        super().__init__(message, *args, **kwargs)
 
     def on_timeout(self, soft: bool, timeout: float) -> Any:
         if soft or not timelimit.handles_losses(self.task):

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from kombu import Connection
 
+from resilient_tasks._delayed_rabbitmq import PREFIX_SETTING, Topology
 from resilient_tasks.dev.filesystem import TRANSPORT, transport_options
 
 RABBITMQ_URL = os.environ.get("RT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -58,6 +59,12 @@ class Broker:
         """A queue name no other test uses."""
         return f"{self.prefix}-{label}"
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """App settings this broker needs for one test: on RabbitMQ, a delay topology of the
+        test's own (``{prefix}_celery_delayed_*``), deleted with what waits in it."""
+        return {PREFIX_SETTING: self.prefix} if self.kind == "rabbitmq" else {}
+
     def connection(self) -> Connection:
         return Connection(
             self.url, transport=self.transport, transport_options=self.transport_options
@@ -72,6 +79,7 @@ class Broker:
                     channel.queue_delete(name)
                     channel.exchange_delete(name)
                     channel.queue_delete(f"{name}.dlq")
+                Topology(self.prefix).delete(channel)
         elif self.kind == "redis":
             with self.connection() as conn:
                 client = conn.default_channel.client

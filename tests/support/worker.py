@@ -172,6 +172,7 @@ class WorkerRunner:
             "broker_url": self.broker.url,
             "broker_transport_options": self.broker.transport_options,
             **({"broker_transport": self.broker.transport} if self.broker.transport else {}),
+            **self.broker.settings,
             "result_backend": f"file://{results}",
             "task_default_queue": queue,
             "worker_enable_remote_control": False,

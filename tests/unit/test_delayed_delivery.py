@@ -32,7 +32,8 @@ def body() -> None:
         ("redis://127.0.0.1:6379/0", None, "worker", "worker"),
         ("memory://", None, None, "worker"),
         ("memory://", "broker", None, "worker"),  # no waiting room there: Celery's ETA
-        ("amqp://guest:guest@127.0.0.1:5672//", None, None, "worker"),
+        ("amqp://guest:guest@127.0.0.1:5672//", None, None, "broker"),
+        ("amqp://guest:guest@127.0.0.1:5672//", "worker", None, "worker"),
     ],
 )
 def test_the_task_option_wins_then_the_app_setting_then_the_transport(

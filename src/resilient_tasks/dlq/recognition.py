@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 # Queues a delayed message waits in until it is due, and dies in ("expired") on its way to the
 # queue it is meant for: Celery's and Kombu's native delayed delivery. A task message whose last
 # death was there is a live task on its way, not a dead letter.
-_DELAY_QUEUES = re.compile(r"celery_delayed_\d+")
+_DELAY_QUEUES = re.compile(r"(?:.+_)?celery_delayed_(?:\d+|delivery)")
 
 
 def _letter(queue: str, message: _Message, patterns: tuple[str, ...]) -> DeadLetter | None:

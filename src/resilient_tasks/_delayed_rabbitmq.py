@@ -1,0 +1,271 @@
+"""RabbitMQ: a delayed message waits in queues whose TTL dead-letters it onward.
+
+The topology is the one of Kombu's native delayed delivery (``kombu.transport.
+native_delayed_delivery``, which Celery >= 5.5 declares for quorum queues): 28 durable queues
+``celery_delayed_{L}``, each with a TTL of 2**L seconds, behind topic exchanges of the same name
+that route on one binary digit of the delay each, and ``celery_delayed_delivery``, where a
+message arrives when its delay has run out. Declared here with the same names and arguments
+(and so shared with Celery's own when both are used), on every Kombu version.
+
+What differs is how a message leaves ``celery_delayed_delivery``. Celery binds the destination's
+exchange with ``#.<routing key>``, which cannot work for a direct exchange (Celery's default)
+and matches any routing key ending the same way. Here the message's routing key is the 28 digits
+then the destination *queue's* name, and that queue is bound to the delivery exchange with the
+28 digits as ``*`` words then its name: exactly that queue gets the message. The exchange and
+routing key the message was published with travel in a header and are given back to the worker
+(:func:`restore_route`), so a retry of it, its dead letter and its envelope see its own route.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from celery import Celery
+from kombu.common import maybe_declare
+from kombu.entity import Exchange, Queue
+
+__all__ = [
+    "BITS",
+    "ROUTE_HEADER",
+    "Topology",
+    "delaying_producer",
+    "level_counts",
+    "restore_route",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Binary digits of a delay in seconds: the longest delay is 2**28 - 1 s (about 8.5 years).
+BITS = 28
+#: The exchange name and routing key a delayed message was published with.
+ROUTE_HEADER = "resilient_tasks_route"
+#: The app setting naming the topology: ``None`` for Celery's (and Kombu's) own names, else a
+#: prefix (``{prefix}_celery_delayed_{L}``) that keeps one app's topology apart.
+PREFIX_SETTING = "resilient_tasks_delayed_prefix"
+#: Celery's setting (5.5+) for the type of the delay queues; the same default here.
+QUEUE_TYPE_SETTING = "broker_native_delayed_delivery_queue_type"
+_WILDCARDS = frozenset("*#")
+
+
+class Topology:
+    """The names of one delay topology (``prefix`` as Kombu's ``level_name`` takes it)."""
+
+    def __init__(self, prefix: str | None = None, queue_type: str = "quorum") -> None:
+        self.prefix = prefix or None
+        self.queue_type = queue_type
+
+    @classmethod
+    def of(cls, app: Celery) -> Topology:
+        return cls(app.conf.get(PREFIX_SETTING), app.conf.get(QUEUE_TYPE_SETTING) or "quorum")
+
+    def level(self, level: int) -> str:
+        return f"{self.prefix}_celery_delayed_{level}" if self.prefix else f"celery_delayed_{level}"
+
+    @property
+    def delivery(self) -> str:
+        return (
+            f"{self.prefix}_celery_delayed_delivery" if self.prefix else "celery_delayed_delivery"
+        )
+
+    @property
+    def entry(self) -> str:
+        """Where a delayed message is published: the exchange of the longest level."""
+        return self.level(BITS - 1)
+
+    def names(self) -> list[str]:
+        return [self.level(level) for level in range(BITS)]
+
+    def declare(self, channel: Any) -> None:
+        """Declare the levels and the delivery exchange as Kombu's
+        ``declare_native_delayed_delivery_exchanges_and_queues`` does (idempotent)."""
+        for level in range(BITS - 1, -1, -1):
+            name = self.level(level)
+            channel.exchange_declare(name, "topic", durable=True, auto_delete=False)
+            arguments: dict[str, Any] = {
+                "x-queue-type": self.queue_type,
+                "x-overflow": "reject-publish",
+                "x-message-ttl": 2**level * 1000,
+                "x-dead-letter-exchange": self.level(level - 1) if level else self.delivery,
+            }
+            if self.queue_type == "quorum":
+                # Without it a quorum queue drops what it dead-letters if the broker fails
+                # in between (at-most-once).
+                arguments["x-dead-letter-strategy"] = "at-least-once"
+            channel.queue_declare(name, durable=True, auto_delete=False, arguments=arguments)
+            # The digit of this level (2**level s) is the (BITS - level)-th word.
+            words = "*." * (BITS - 1 - level)
+            channel.queue_bind(name, name, words + "1.#")
+        for level in range(BITS - 1, 0, -1):  # once every level's exchange exists
+            words = "*." * (BITS - 1 - level)
+            channel.exchange_bind(self.level(level - 1), self.level(level), words + "0.#")
+        channel.exchange_declare(self.delivery, "topic", durable=True, auto_delete=False)
+        channel.exchange_bind(self.delivery, self.level(0), "*." * (BITS - 1) + "0.#")
+
+    def bind(self, channel: Any, queue: str) -> None:
+        """Bind ``queue`` to the delivery exchange: it gets the messages delayed for it."""
+        channel.queue_bind(queue, self.delivery, "*." * BITS + queue)
+
+    def delete(self, channel: Any) -> None:
+        """Delete the topology and every message waiting in it (for tests and teardown)."""
+        for name in [*self.names(), self.delivery]:
+            channel.queue_delete(name)
+            channel.exchange_delete(name)
+
+
+def routing_key(seconds: int, queue: str) -> str:
+    """``queue``'s routing key through the topology for a delay of ``seconds``."""
+    return ".".join(format(seconds, f"0{BITS}b")) + "." + queue
+
+
+def whole_seconds(delay: float) -> int:
+    """A delay rounded up to whole seconds: the topology counts seconds, and never early."""
+    return max(1, math.ceil(delay - 1e-6))
+
+
+def bindable(queue: str) -> bool:
+    """Whether ``queue`` can be named in a topic binding (no ``*`` or ``#`` words)."""
+    return bool(queue) and not any(word in _WILDCARDS for word in queue.split("."))
+
+
+def restore_route(message: Any) -> None:
+    """Give a message that arrived through the topology the exchange and routing key it was
+    published with (its ``delivery_info``): Celery reads them for a retry's route."""
+    headers = getattr(message, "headers", None) or {}
+    route = headers.get(ROUTE_HEADER)
+    info = getattr(message, "delivery_info", None)
+    if not isinstance(route, (list, tuple)) or len(route) != 2 or not isinstance(info, dict):
+        return
+    if str(info.get("exchange") or "").endswith("celery_delayed_delivery"):
+        info["exchange"], info["routing_key"] = route
+
+
+def _routes(queue: Queue, exchange: str, key: str) -> bool:
+    """Whether a message published to ``exchange`` with ``key`` reaches ``queue`` (the
+    routing Celery itself sets up: the queue's own exchange and routing key)."""
+    if exchange == "":
+        return queue.name == key
+    own = queue.exchange
+    if own is None or own.name != exchange:
+        return False
+    return own.type == "fanout" or queue.routing_key == key
+
+
+def destination(app: Celery, exchange: str, key: str, declare: Iterable[Any]) -> Queue | None:
+    """The one queue a message published to ``exchange`` with ``key`` is for: a queue Celery
+    declares with it, else the app's queue with that route; ``None`` when there is not one."""
+    for entity in declare:
+        if isinstance(entity, Queue) and entity.name and _routes(entity, exchange, key):
+            return entity
+    found: list[Queue] = [q for q in app.amqp.queues.values() if _routes(q, exchange, key)]
+    if len(found) == 1:
+        return found[0]
+    if exchange == "" and not found:
+        return Queue(key, exchange=Exchange(""), routing_key=key, no_declare=True)  # type: ignore[no-untyped-call]
+    return None
+
+
+# What this process declared: per (pid, broker, topology), the topology and the queues bound.
+_prepared: dict[tuple[Any, ...], set[str]] = {}
+_prepared_lock = threading.Lock()
+
+
+class _Delaying:
+    """A producer that publishes a message with an ``eta`` still to come into the delay
+    topology, for the one queue it is for; everything else as the producer it wraps."""
+
+    def __init__(self, producer: Any, app: Celery) -> None:
+        self._producer = producer
+        self._app = app
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+    def publish(self, body: Any, **options: Any) -> Any:
+        from .delayed import _delay_ms, _warn_once
+
+        headers: Mapping[str, Any] = options.get("headers") or {}
+        delay_ms = _delay_ms(headers)
+        exchange = options.get("exchange")
+        exchange_name = str(getattr(exchange, "name", exchange) or "")
+        key = str(options.get("routing_key") or "")
+        if delay_ms <= 0 or "celery_delayed_" in exchange_name:  # not delayed, or by Celery
+            return self._producer.publish(body, **options)
+        seconds = whole_seconds(delay_ms / 1000)
+        queue = destination(self._app, exchange_name, key, options.get("declare") or ())
+        if queue is None or not bindable(queue.name) or seconds >= 2**BITS:
+            _warn_once(
+                f"resilient_tasks: a delayed message to exchange {exchange_name!r} with routing "
+                f"key {key!r} is not for exactly one queue the app knows (or its delay or "
+                "queue name cannot go through the delay queues): the worker holds it, as "
+                "Celery does"
+            )
+            return self._producer.publish(body, **options)
+        topology = Topology.of(self._app)
+        made_for = self._prepare(topology, queue, options)
+        options.update(
+            exchange=topology.entry,
+            routing_key=routing_key(seconds, queue.name),
+            declare=[],
+            headers={**headers, ROUTE_HEADER: [exchange_name, key]},
+        )
+        try:
+            return self._producer.publish(body, **options)
+        except Exception:
+            # The topology may be gone (a broker reset, a deleted queue): declare it again
+            # at the next publish.
+            with _prepared_lock:
+                _prepared.pop(made_for, None)
+            raise
+
+    def _prepare(
+        self, topology: Topology, queue: Queue, options: Mapping[str, Any]
+    ) -> tuple[Any, ...]:
+        """Declare the topology and bind ``queue`` once per process (both outlive connections:
+        durable), with the publish's retry policy when it retries."""
+        connection = self._producer.connection
+        made_for = (os.getpid(), connection.as_uri(), topology.prefix, topology.queue_type)
+        with _prepared_lock:
+            bound = _prepared.get(made_for)
+            if bound is not None and queue.name in bound:
+                return made_for
+
+        def prepare() -> None:
+            channel = self._producer.channel
+            if bound is None:
+                topology.declare(channel)
+            if not getattr(queue, "no_declare", False):
+                maybe_declare(queue, channel)  # type: ignore[no-untyped-call]
+            topology.bind(channel, queue.name)
+
+        if options.get("retry"):
+            policy = options.get("retry_policy") or {}
+            connection.ensure(self._producer, prepare, **policy)()
+        else:
+            prepare()
+        with _prepared_lock:
+            _prepared.setdefault(made_for, set()).add(queue.name)
+        return made_for
+
+
+def delaying_producer(producer: Any, app: Celery) -> Any:
+    """``producer``, publishing what is delayed into the app's delay topology."""
+    return _Delaying(producer, app)
+
+
+def level_counts(app: Celery, channel: Any) -> dict[str, int]:
+    """How many messages wait in each level queue of the app's topology (none: not declared)."""
+    from amqp.exceptions import NotFound
+
+    counts: dict[str, int] = {}
+    topology = Topology.of(app)
+    for name in topology.names():
+        try:
+            counts[name] = channel.queue_declare(name, passive=True).message_count
+        except NotFound:
+            return {}
+    return counts

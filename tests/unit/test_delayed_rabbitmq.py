@@ -1,0 +1,139 @@
+"""RabbitMQ's delay topology: the same as Kombu's native delayed delivery, and the routing of
+a delayed message into the one queue it is for."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from celery import Celery
+from kombu import Exchange, Queue
+from kombu.transport.base import to_rabbitmq_queue_arguments
+
+from resilient_tasks._delayed_rabbitmq import (
+    ROUTE_HEADER,
+    Topology,
+    bindable,
+    destination,
+    restore_route,
+    routing_key,
+    whole_seconds,
+)
+
+native = pytest.importorskip("kombu.transport.native_delayed_delivery")
+
+
+class Recorder:
+    """A channel (and connection) that records what is declared and bound."""
+
+    def __init__(self) -> None:
+        self.calls: set[tuple[Any, ...]] = set()
+
+    def channel(self) -> Recorder:
+        return self
+
+    def prepare_queue_arguments(self, arguments: dict[str, Any], **options: Any) -> Any:
+        return to_rabbitmq_queue_arguments(arguments, **options)
+
+    def exchange_declare(self, exchange: str, type: str, durable: bool = True,
+                         auto_delete: bool = False, **_: Any) -> None:  # fmt: skip
+        self.calls.add(("exchange", exchange, type, durable, auto_delete))
+
+    def queue_declare(self, queue: str, durable: bool = True, auto_delete: bool = False,
+                      arguments: dict[str, Any] | None = None, **_: Any) -> Any:  # fmt: skip
+        arguments = tuple(sorted((arguments or {}).items()))
+        self.calls.add(("queue", queue, durable, auto_delete, arguments))
+        return SimpleNamespace(queue=queue, message_count=0, consumer_count=0)
+
+    def queue_bind(self, queue: str, exchange: str, routing_key: str, **_: Any) -> None:
+        self.calls.add(("bind", queue, exchange, routing_key))
+
+    def exchange_bind(self, destination: str, source: str, routing_key: str, **_: Any) -> None:
+        self.calls.add(("e2e", destination, source, routing_key))
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+def test_the_topology_is_the_one_kombu_declares_for_celery(queue_type: str) -> None:
+    # Declared by Celery's worker (quorum queues) and by the library alike: the same names,
+    # arguments and bindings, so neither conflicts with the other.
+    kombu = Recorder()
+    native.declare_native_delayed_delivery_exchanges_and_queues(kombu, queue_type)
+    ours = Recorder()
+
+    Topology(None, queue_type).declare(ours)
+
+    assert len(kombu.calls) == 28 * 3 + 27 + 2  # levels, their bindings, the delivery exchange
+    assert ours.calls == kombu.calls
+
+
+def test_a_prefixed_topology_keeps_kombus_prefixed_names() -> None:
+    kombu = Recorder()
+    try:
+        native.declare_native_delayed_delivery_exchanges_and_queues(kombu, "quorum", "billing")
+    except TypeError:
+        pytest.skip("this Kombu has no prefixed topology")
+    ours = Recorder()
+
+    Topology("billing").declare(ours)
+
+    assert ours.calls == kombu.calls
+
+
+def test_the_routing_key_is_the_delay_in_binary_then_the_queue() -> None:
+    key = routing_key(5, "billing.high")
+
+    assert key == "0." * 25 + "1.0.1.billing.high"
+    # Celery's own parser of the topology's keys takes the queue back out.
+    assert native.calculate_routing_key(7, key).endswith(".1.1.1.billing.high")
+
+
+@pytest.mark.parametrize(("delay", "seconds"), [(0.001, 1), (1.0, 1), (1.2, 2), (59.9999, 60)])
+def test_a_delay_is_rounded_up_to_whole_seconds_never_early(delay: float, seconds: int) -> None:
+    assert whole_seconds(delay) == seconds
+
+
+@pytest.mark.parametrize(("queue", "ok"), [("billing", True), ("a.b-c", True), ("a.*", False),
+                                           ("#", False), ("", False)])  # fmt: skip
+def test_only_a_queue_name_without_wildcard_words_can_be_bound(queue: str, ok: bool) -> None:
+    assert bindable(queue) is ok
+
+
+def app_with(*queues: Queue) -> Celery:
+    app = Celery("rabbit", broker="amqp://guest:guest@127.0.0.1:5672//", set_as_current=False)
+    app.conf.task_queues = list(queues)
+    return app
+
+
+def test_the_destination_is_the_queue_celery_declares_with_the_publish() -> None:
+    billing = Queue("billing", Exchange("tasks", "direct"), routing_key="billing")
+    app = app_with(Queue("emails", Exchange("tasks", "direct"), routing_key="emails"))
+
+    assert destination(app, "tasks", "billing", [billing]) is billing
+    assert destination(app, "tasks", "emails", []).name == "emails"  # a retry: from the route
+
+
+def test_no_destination_when_the_route_reaches_no_known_queue_or_several() -> None:
+    fanout = Exchange("broadcast", "fanout")
+    app = app_with(Queue("a", fanout), Queue("b", fanout))
+
+    assert destination(app, "tasks", "nowhere", []) is None
+    assert destination(app, "broadcast", "", []) is None
+    assert destination(app, "", "billing", []).name == "billing"  # the default exchange
+
+
+def test_a_message_through_the_topology_gets_its_own_route_back() -> None:
+    message = SimpleNamespace(
+        headers={ROUTE_HEADER: ["tasks", "billing"]},
+        delivery_info={"exchange": "celery_delayed_delivery", "routing_key": "0.1.billing"},
+    )
+    elsewhere = SimpleNamespace(
+        headers={ROUTE_HEADER: ["tasks", "billing"]},
+        delivery_info={"exchange": "tasks", "routing_key": "emails"},
+    )
+
+    restore_route(message)
+    restore_route(elsewhere)
+
+    assert message.delivery_info == {"exchange": "tasks", "routing_key": "billing"}
+    assert elsewhere.delivery_info == {"exchange": "tasks", "routing_key": "emails"}

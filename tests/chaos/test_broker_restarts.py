@@ -39,7 +39,6 @@ for.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -58,6 +57,7 @@ from chaos.accounting import (
     settle_or_replace,
 )
 from support.brokers import REDIS_URL, Broker
+from support.servers import persistent_redis as private_persistent_redis
 from support.worker import WorkerRunner, running
 
 APP = "apps.chaos_app"
@@ -238,34 +238,8 @@ def test_redis_restarted_empty_mid_run_keeps_what_it_settled_and_loses_nothing_a
 def persistent_redis(tmp_path: Path) -> Iterator[tuple[str, Callable[[], None]]]:
     """A private redis-server with an fsync-always append-only file, on a free port; yields its
     URL and a function that restarts it (``SHUTDOWN``, which saves, then the same command)."""
-    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-        pytest.skip("redis-server / redis-cli are not installed here")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    folder = tmp_path / "redis"
-    folder.mkdir()
-    start = [
-        "redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port),
-        "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", str(folder),
-        "--pidfile", str(folder / "redis.pid"), "--logfile", str(folder / "redis.log"),
-    ]  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    run(*start)
-    wait_until_up(url)
-
-    def restart() -> None:
-        subprocess.run(["redis-cli", "-p", str(port), "shutdown"], timeout=30, check=False)
-        time.sleep(OUTAGE)
-        run(*start)
-        wait_until_up(url)
-
-    try:
-        yield url, restart
-    finally:
-        subprocess.run(
-            ["redis-cli", "-p", str(port), "shutdown", "nosave"], timeout=30, check=False
-        )
+    with private_persistent_redis(tmp_path / "redis") as server:
+        yield server.url, lambda: server.restart(OUTAGE)
 
 
 def test_persistent_redis_restarted_mid_run_loses_nothing(

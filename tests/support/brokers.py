@@ -113,6 +113,11 @@ def make_broker(kind: str, tmp_path: Path) -> Broker:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason}; CI=true requires every broker", pytrace=False)
         pytest.skip(reason)
+    return broker_at(kind, url)
+
+
+def broker_at(kind: str, url: str) -> Broker:
+    """A RabbitMQ or Redis broker at ``url`` for one test (a private server's, too)."""
     broker = Broker(kind, url)
     if kind == "redis":
         # Kombu's Redis transport keeps unacked messages under global keys; give each test its own.

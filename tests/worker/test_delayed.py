@@ -9,14 +9,18 @@ from __future__ import annotations
 import json
 import signal
 import time
+from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from apps.delayed_tasks import define
 from resilient_tasks.delayed import delayed_stats
-from support.worker import Worker, WorkerRunner
+from support.brokers import broker_at
+from support.servers import persistent_redis, private_rabbitmq
+from support.worker import Worker, WorkerRunner, running
 
 APP = "apps.delayed_app"
 pytestmark = pytest.mark.worker
@@ -176,3 +180,65 @@ def test_an_app_whose_broker_changes_delays_on_the_new_broker(workers: WorkerRun
                 client.delete(*keys)
 
     assert counts == {queue: 1}
+
+
+def main_rss_mib(worker: Worker) -> float:
+    """The worker's main process's resident memory (median of three samples)."""
+    samples = []
+    for _ in range(3):
+        status = Path(f"/proc/{worker.process.pid}/status").read_text()
+        (line,) = [x for x in status.splitlines() if x.startswith("VmRSS:")]
+        samples.append(int(line.split()[1]) / 1024)
+        time.sleep(0.2)
+    return sorted(samples)[1]
+
+
+@BOTH
+def test_a_storm_of_retries_waits_on_the_broker_and_new_work_starts_at_once(
+    workers: WorkerRunner,
+) -> None:
+    # 3,000 tasks each retrying in an hour. Held by the worker (Celery's ETA messages) they
+    # grow its main process by about 9 KB each and, on RabbitMQ, fill its prefetch so that new
+    # work waits behind them for minutes: here they wait on the broker.
+    worker = workers.start(APP, settings={"worker_enable_remote_control": True})
+    warmup = [publish(worker, "delayed.note") for _ in range(200)]
+    assert [r.get(timeout=60) for r in warmup] == ["noted"] * 200
+    before = main_rss_mib(worker)
+
+    storm = [publish(worker, "delayed.later", 3600.0) for _ in range(3000)]
+    worker.wait_for(lambda: waiting(worker) == 3000, timeout=180, what="3,000 retries waiting")
+    after = main_rss_mib(worker)
+    started = time.monotonic()
+    probes = [publish(worker, "delayed.note") for _ in range(20)]
+
+    assert [r.get(timeout=20) for r in probes] == ["noted"] * 20
+    assert time.monotonic() - started < 20
+    scheduled = worker.client.control.inspect(timeout=5).scheduled() or {}
+    assert sum(len(held) for held in scheduled.values()) == 0  # none held by the worker
+    assert after - before < 10, f"main process grew {after - before:.1f} MiB"
+    attempts = runs(worker, "delayed.later")
+    assert len(attempts) == 3000
+    assert all(a["retries"] == 0 for a in attempts)  # no retry ran early
+    assert {r.id for r in storm} == {a["id"] for a in attempts}
+
+
+@pytest.mark.parametrize("kind", ["rabbitmq", "redis"])
+def test_retries_waiting_on_a_broker_that_restarts_are_none_lost(kind: str, tmp_path: Path) -> None:
+    # A private server (RabbitMQ, or Redis with an fsync-always append-only file): stopped
+    # cleanly and started again on its data while 30 retries wait on it.
+    server = private_rabbitmq() if kind == "rabbitmq" else persistent_redis(tmp_path / "redis")
+    with server as broker_server:
+        broker = broker_at(kind, broker_server.url)
+        with contextmanager(running)(broker, tmp_path) as workers:
+            worker = workers.start(APP)
+            results = [publish(worker, "delayed.later", 10.0) for _ in range(30)]
+            worker.wait_for(lambda: waiting(worker) == 30, what="30 retries on the broker")
+
+            broker_server.restart()
+
+            assert [r.get(timeout=60) for r in results] == ["done"] * 30
+            time.sleep(2.0)  # a second copy, if any, would have run by now
+            for result in results:
+                _, second = runs(worker, "delayed.later", result.id)
+                assert second["retries"] == 1
+                assert second["t"] >= datetime.fromisoformat(second["eta"]).timestamp()

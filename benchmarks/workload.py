@@ -353,7 +353,10 @@ def retry_storm(
         while run.depth(run.queue) and time.monotonic() < deadline:
             time.sleep(0.25)
         # A retry that waits on the broker is in its waiting room, not on the queue's list.
-        delayed = sum(q.waiting for q in delayed_stats(run.client) if q.queue == run.queue)
+        # (RabbitMQ counts per delay queue of the run's own topology: all of them are its.)
+        amqp = run.client.connection_for_write().transport.driver_type == "amqp"
+        stats = delayed_stats(run.client)
+        delayed = sum(q.waiting for q in stats if amqp or q.queue == run.queue)
         waiting = run.depth(run.queue) + delayed
         held_after = time.time() - began
         time.sleep(2.0)

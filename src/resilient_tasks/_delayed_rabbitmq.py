@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -132,16 +132,55 @@ def bindable(queue: str) -> bool:
     return bool(queue) and not any(word in _WILDCARDS for word in queue.split("."))
 
 
-def restore_route(message: Any) -> None:
+def restore_route(message: Any) -> bool:
     """Give a message that arrived through the topology the exchange and routing key it was
-    published with (its ``delivery_info``): Celery reads them for a retry's route."""
+    published with (its ``delivery_info``): Celery reads them for a retry's route. Whether it
+    arrived through the topology."""
     headers = getattr(message, "headers", None) or {}
     route = headers.get(ROUTE_HEADER)
     info = getattr(message, "delivery_info", None)
     if not isinstance(route, (list, tuple)) or len(route) != 2 or not isinstance(info, dict):
-        return
-    if str(info.get("exchange") or "").endswith("celery_delayed_delivery"):
-        info["exchange"], info["routing_key"] = route
+        return False
+    if not str(info.get("exchange") or "").endswith("celery_delayed_delivery"):
+        return False
+    info["exchange"], info["routing_key"] = route
+    return True
+
+
+class Arrivals:
+    """The delayed messages this worker received lately, to tell a second copy of one.
+
+    A quorum delay queue dead-letters *at least once*: if a RabbitMQ node fails while it hands a
+    message on, the message can reach its queue twice. Both copies are the same message (same
+    id, retry number and due time); the first to reach this worker runs and a later one is
+    acknowledged and dropped. A copy that reaches another worker is not seen here.
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._seen: OrderedDict[tuple[Any, ...], int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(message: Any) -> tuple[Any, ...] | None:
+        """What identifies one delayed copy; ``None`` for a message the broker redelivered
+        (a copy this worker, or another, did not acknowledge: it must run)."""
+        if (getattr(message, "delivery_info", None) or {}).get("redelivered"):
+            return None
+        headers = getattr(message, "headers", None) or {}
+        return (headers.get("id"), headers.get("retries"), headers.get("eta"))
+
+    def is_copy(self, key: tuple[Any, ...], token: int) -> bool:
+        """Whether ``key`` arrived before as another request than ``token``; records it."""
+        with self._lock:
+            first = self._seen.setdefault(key, token)
+            self._seen.move_to_end(key)
+            while len(self._seen) > self.size:
+                self._seen.popitem(last=False)
+        return first != token
+
+
+arrivals = Arrivals()
 
 
 def _routes(queue: Queue, exchange: str, key: str) -> bool:
@@ -167,11 +206,6 @@ def destination(app: Celery, exchange: str, key: str, declare: Iterable[Any]) ->
     if exchange == "" and not found:
         return Queue(key, exchange=Exchange(""), routing_key=key, no_declare=True)  # type: ignore[no-untyped-call]
     return None
-
-
-# What this process declared: per (pid, broker, topology), the topology and the queues bound.
-_prepared: dict[tuple[Any, ...], set[str]] = {}
-_prepared_lock = threading.Lock()
 
 
 class _Delaying:
@@ -206,50 +240,41 @@ class _Delaying:
             )
             return self._producer.publish(body, **options)
         topology = Topology.of(self._app)
-        made_for = self._prepare(topology, queue, options)
+        self._prepare(topology, queue, options)
         options.update(
             exchange=topology.entry,
             routing_key=routing_key(seconds, queue.name),
             declare=[],
             headers={**headers, ROUTE_HEADER: [exchange_name, key]},
         )
-        try:
-            return self._producer.publish(body, **options)
-        except Exception:
-            # The topology may be gone (a broker reset, a deleted queue): declare it again
-            # at the next publish.
-            with _prepared_lock:
-                _prepared.pop(made_for, None)
-            raise
+        return self._producer.publish(body, **options)
 
-    def _prepare(
-        self, topology: Topology, queue: Queue, options: Mapping[str, Any]
-    ) -> tuple[Any, ...]:
-        """Declare the topology and bind ``queue`` once per process (both outlive connections:
-        durable), with the publish's retry policy when it retries."""
+    def _prepare(self, topology: Topology, queue: Queue, options: Mapping[str, Any]) -> None:
+        """Declare the topology and bind ``queue``, once per connection: Kombu's own cache of
+        what a connection declared (``declared_entities``), emptied when it reconnects, so a
+        broker that lost them (reset, or the topology deleted) gets them again."""
         connection = self._producer.connection
-        made_for = (os.getpid(), connection.as_uri(), topology.prefix, topology.queue_type)
-        with _prepared_lock:
-            bound = _prepared.get(made_for)
-            if bound is not None and queue.name in bound:
-                return made_for
+        declared = connection.declared_entities
+        levels = ("resilient_tasks.delay_topology", topology.prefix, topology.queue_type)
+        bound = ("resilient_tasks.delay_binding", topology.prefix, queue.name)
+        if levels in declared and bound in declared:
+            return
 
         def prepare() -> None:
             channel = self._producer.channel
-            if bound is None:
+            if levels not in declared:
                 topology.declare(channel)
+                declared.add(levels)
             if not getattr(queue, "no_declare", False):
                 maybe_declare(queue, channel)  # type: ignore[no-untyped-call]
             topology.bind(channel, queue.name)
+            declared.add(bound)
 
         if options.get("retry"):
             policy = options.get("retry_policy") or {}
             connection.ensure(self._producer, prepare, **policy)()
         else:
             prepare()
-        with _prepared_lock:
-            _prepared.setdefault(made_for, set()).add(queue.name)
-        return made_for
 
 
 def delaying_producer(producer: Any, app: Celery) -> Any:

@@ -16,6 +16,7 @@ so that the message is acknowledged only once its envelope, or its retry, is on 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from typing import Any
 
@@ -25,11 +26,13 @@ from celery.worker import state
 from celery.worker.request import Request
 
 from . import deadletter, retry, timelimit
-from ._delayed_rabbitmq import restore_route
+from ._delayed_rabbitmq import arrivals, restore_route
 
 __all__ = ["ResilientRequest"]
 
 logger = logging.getLogger(__name__)
+
+_tokens = itertools.count()
 
 # Not failures of the task (control flow), or failures handled elsewhere.
 _NOT_TERMINAL = (Retry, Ignore, Reject, WorkerLostError, TimeLimitExceeded, SystemExit,
@@ -79,11 +82,30 @@ class ResilientRequest(Request):  # type: ignore[misc]
     #: here, by :meth:`on_failure`, before the message is acknowledged.
     publishes_retries = True
 
+    #: What identifies this message if it came through RabbitMQ's delay queues.
+    _resilient_arrival: tuple[Any, ...] | None = None
+
     def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
         # A message delayed on RabbitMQ arrives from the delay topology's exchange: Celery
         # reads the route it was published with (for a retry's route) from delivery_info.
-        restore_route(message)
+        if restore_route(message):
+            self._resilient_arrival = arrivals.key(message)
+            self._resilient_token = next(_tokens)
         super().__init__(message, *args, **kwargs)
+
+    def revoked(self) -> bool:
+        # Celery asks this before it hands the message to the pool: the place to drop a
+        # second copy of a delayed message (see resilient_tasks._delayed_rabbitmq.Arrivals).
+        arrival = self._resilient_arrival
+        if arrival is not None and arrivals.is_copy(arrival, self._resilient_token):
+            logger.warning("resilient_tasks: %s[%s] arrived twice from RabbitMQ's delay queues "
+                           "(at-least-once dead-lettering); the copy is dropped",
+                           self.name, self.id)  # fmt: skip
+            self._resilient_arrival = None
+            state.task_ready(self)
+            self.acknowledge()
+            return True
+        return bool(super().revoked())
 
     def on_timeout(self, soft: bool, timeout: float) -> Any:
         if soft or not timelimit.handles_losses(self.task):

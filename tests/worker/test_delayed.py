@@ -242,3 +242,33 @@ def test_retries_waiting_on_a_broker_that_restarts_are_none_lost(kind: str, tmp_
                 _, second = runs(worker, "delayed.later", result.id)
                 assert second["retries"] == 1
                 assert second["t"] >= datetime.fromisoformat(second["eta"]).timestamp()
+
+
+class Twice:
+    """A producer that publishes every message twice: what RabbitMQ's at-least-once
+    dead-lettering does to a delayed message when a node fails while handing it on."""
+
+    def __init__(self, producer: Any) -> None:
+        self.producer = producer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.producer, name)
+
+    def publish(self, body: Any, **options: Any) -> Any:
+        self.producer.publish(body, **options)
+        return self.producer.publish(body, **options)
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_a_delayed_message_that_arrives_twice_runs_once(workers: WorkerRunner) -> None:
+    worker = workers.start(APP, concurrency=1)
+    note = define(worker.client)["delayed.note"]
+    with worker.client.producer_or_acquire() as producer:
+        copied = note.apply_async((str(worker.log),), countdown=1, producer=Twice(producer))
+        once = note.apply_async((str(worker.log),), producer=Twice(producer))  # not delayed
+
+    assert copied.get(timeout=20) == "noted"
+    worker.wait_for(lambda: len(runs(worker, "delayed.note", once.id)) == 2, what="both copies")
+    time.sleep(2.0)  # the second copy would have run by now
+    assert len(runs(worker, "delayed.note", copied.id)) == 1
+    assert "arrived twice" in worker.output_text()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -50,6 +51,8 @@ PREFIX_SETTING = "resilient_tasks_delayed_prefix"
 #: Celery's setting (5.5+) for the type of the delay queues; the same default here.
 QUEUE_TYPE_SETTING = "broker_native_delayed_delivery_queue_type"
 _WILDCARDS = frozenset("*#")
+#: An exchange of a delay topology (any prefix).
+TOPOLOGY_EXCHANGE = re.compile(r"(?:.+_)?celery_delayed_(?:\d+|delivery)")
 
 
 class Topology:
@@ -141,7 +144,8 @@ def restore_route(message: Any) -> bool:
     info = getattr(message, "delivery_info", None)
     if not isinstance(route, (list, tuple)) or len(route) != 2 or not isinstance(info, dict):
         return False
-    if not str(info.get("exchange") or "").endswith("celery_delayed_delivery"):
+    # The exchange RabbitMQ names is the last it dead-lettered the message to: a level's.
+    if not TOPOLOGY_EXCHANGE.fullmatch(str(info.get("exchange") or "")):
         return False
     info["exchange"], info["routing_key"] = route
     return True

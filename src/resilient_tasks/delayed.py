@@ -35,6 +35,7 @@ import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
@@ -196,6 +197,7 @@ class DelayedDeliveryMixin(StepsMixin):
                 'the app setting expects "broker" or "worker", or no value for the default',
             )
         app.steps["consumer"].add(DelayedMover)
+        _quiet_celery_direct_exchange_warning()
 
     def apply_async(self, *args: Any, **options: Any) -> Any:
         """Celery's ``apply_async``; a delayed publish waits on the broker where the task's
@@ -215,10 +217,33 @@ class DelayedDeliveryMixin(StepsMixin):
             connection = options.pop("connection", None)
             if given is None and connection is not None:  # what Celery makes of connection=
                 given = self.app.amqp.Producer(connection, auto_declare=False)
-            with self.app.producer_or_acquire(given) as producer:
-                options["producer"] = delaying_producer(producer, self.app)
-                return super().apply_async(*args, **options)
+            token = _through_topology.set(True)
+            try:
+                with self.app.producer_or_acquire(given) as producer:
+                    options["producer"] = delaying_producer(producer, self.app)
+                    return super().apply_async(*args, **options)
+            finally:
+                _through_topology.reset(token)
         return super().apply_async(*args, **options)
+
+
+# Set while a library task publishes a delayed message through the RabbitMQ topology.
+_through_topology: ContextVar[bool] = ContextVar("resilient_tasks_through_topology", default=False)
+_CELERY_DIRECT_WARNING = "Direct exchanges are not supported with native delayed delivery"
+
+
+class _DirectExchangeWarning(logging.Filter):
+    """Drops Celery 5.5+'s warning that a delayed message to a direct exchange on quorum queues
+    will be held by the worker, for the publishes the library delays on the broker itself
+    (where it is untrue); Celery's own publishes keep it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_through_topology.get() and str(record.msg).startswith(_CELERY_DIRECT_WARNING))
+
+
+@functools.cache
+def _quiet_celery_direct_exchange_warning() -> None:
+    logging.getLogger("celery.app.base").addFilter(_DirectExchangeWarning())
 
 
 # -- Redis: the waiting room -------------------------------------------------------------------

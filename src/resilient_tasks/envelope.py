@@ -32,6 +32,7 @@ from typing import Any
 
 from celery.utils.serialization import UnpickleableExceptionWrapper
 
+from ._delayed_rabbitmq import TOPOLOGY_EXCHANGE
 from .decide import Reason
 from .history import MAX_MESSAGE_CHARS, Attempt, History, exception_type_name, truncate
 
@@ -426,14 +427,14 @@ def bare_envelope(
 def own_exchange(exchange: str) -> str:
     """The exchange a message was published to, not the ``celery_delayed_*`` exchange Celery's
     native delayed delivery routed it through (replaying it there would delay it again)."""
-    return "" if exchange.startswith("celery_delayed") else exchange
+    return "" if TOPOLOGY_EXCHANGE.fullmatch(exchange) else exchange
 
 
 def own_routing_key(delivery: Mapping[str, Any]) -> str:
     """The routing key a message was published with, without the delay levels Celery's native
     delayed delivery puts in front of it."""
     routing_key = str(delivery.get("routing_key") or "")
-    if str(delivery.get("exchange") or "").startswith("celery_delayed"):
+    if TOPOLOGY_EXCHANGE.fullmatch(str(delivery.get("exchange") or "")):
         return DELAY_PREFIX.sub("", routing_key, count=1)
     return routing_key
 

@@ -9,7 +9,7 @@ from celery.exceptions import Reject
 
 from apps.base import make_app, record
 from apps.native_queues import native_queues
-from resilient_tasks import ResilientTask
+from resilient_tasks import ResilientTask, RetryAfter, RetryPolicy
 from resilient_tasks.rabbitmq import declare_dead_letter_queues
 
 
@@ -44,3 +44,13 @@ def poison(self: Task, log: str) -> None:
 def ok(self: Task, log: str) -> str:
     record(self, log)
     return "ok"
+
+
+@app.task(base=ResilientTask, bind=True, name="native.later",
+          retry_policy=RetryPolicy(retry_on=(), max_attempts=2))  # fmt: skip
+def later(self: Task, log: str) -> str:
+    """Ask to be retried 2 s from now once, then succeed."""
+    record(self, log)
+    if self.request.retries == 0:
+        raise RetryAfter(2, "come back later")
+    return "done"

@@ -125,7 +125,7 @@ def test_no_destination_when_the_route_reaches_no_known_queue_or_several() -> No
 def test_a_message_through_the_topology_gets_its_own_route_back() -> None:
     message = SimpleNamespace(
         headers={ROUTE_HEADER: ["tasks", "billing"]},
-        delivery_info={"exchange": "celery_delayed_delivery", "routing_key": "0.1.billing"},
+        delivery_info={"exchange": "app_celery_delayed_0", "routing_key": "0.1.billing"},
     )
     elsewhere = SimpleNamespace(
         headers={ROUTE_HEADER: ["tasks", "billing"]},

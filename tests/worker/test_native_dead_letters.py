@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from typing import Any
 
 import celery
@@ -127,3 +128,25 @@ def listed(worker: Worker, queue: str) -> list[dict[str, Any]]:
     run = worker.celery("dlq", "list", "--queue", queue, "--json")
     assert run.returncode == 0, run.stderr
     return [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.skipif(CELERY < (5, 5), reason="Celery consumes quorum queues from 5.5 on")
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_a_retry_on_a_quorum_queue_with_a_direct_exchange_waits_on_the_broker(
+    workers: WorkerRunner,
+) -> None:
+    # Celery 5.5+ delays natively only through topic and fanout exchanges; on a direct one (its
+    # default) it warns and the worker holds the retry. The library's delay goes through.
+    queue = workers.broker.queue_name("quorum")
+    workers.broker.extra_cleanup += CELERY_DELAYED_DELIVERY
+    worker = start(workers, {"classic": [], "quorum": [queue]}, [queue])
+
+    result = worker.send("native.later", queue=queue)
+
+    assert result.get(timeout=30) == "done"
+    first, second = [a for a in worker.attempts() if a["id"] == result.id]
+    assert second["t"] >= datetime.fromisoformat(second["eta"]).timestamp() >= first["t"] + 2
+    assert second["queue"] == queue  # its own route back, not the delay topology's
+    deaths = {d["queue"] for d in second["headers"]["x-death"]}
+    assert deaths == {f"{workers.broker.prefix}_celery_delayed_{level}" for level in (1,)}
+    assert "Direct exchanges are not supported" not in worker.output_text()

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from amqp.exceptions import ChannelError
 from celery import Celery
 from kombu.common import maybe_declare
 from kombu.entity import Exchange, Queue
@@ -244,7 +245,19 @@ class _Delaying:
             )
             return self._producer.publish(body, **options)
         topology = Topology.of(self._app)
-        self._prepare(topology, queue, options)
+        try:
+            self._prepare(topology, queue, options)
+        except ChannelError as exc:
+            # The broker refused the topology (declared before with other arguments, or an
+            # argument this RabbitMQ does not know): the worker holds the message instead.
+            _warn_once(
+                f"resilient_tasks: RabbitMQ refused the delay queues ({exc}); the worker "
+                "holds delayed messages, as Celery does. Declared by hand or by another "
+                f"version with other arguments? Set {QUEUE_TYPE_SETTING} to their queue type, "
+                f"or {PREFIX_SETTING} to give this app its own"
+            )
+            self._producer.revive(self._producer.connection.channel())  # the old one is closed
+            return self._producer.publish(body, **options)
         options.update(
             exchange=topology.entry,
             routing_key=routing_key(seconds, queue.name),

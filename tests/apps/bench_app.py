@@ -23,6 +23,7 @@ import os
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 from apps.base import make_app
 from resilient_tasks import Permanent, ResilientTask, RetryPolicy
@@ -152,3 +153,35 @@ def plain_storm(n: int) -> None:
     """The retry storm with Celery's own autoretry, for comparison."""
     tick()
     raise ConnectionError(f"record {n}: upstream down, try again in an hour")
+
+
+#: Every failure retried once, a second later: the retry path's throughput.
+IN_A_SECOND = RetryPolicy(retry_on=(ConnectionError,), max_attempts=2, backoff=1.0)
+
+
+def _fail_first(task: Any, n: int) -> None:
+    tick()
+    if task.request.retries == 0:
+        raise ConnectionError(f"record {n}: upstream blinked, try again in a second")
+
+
+@app.task(base=ResilientTask, bind=True, name="bench.retry_once", ignore_result=True,
+          retry_policy=IN_A_SECOND)  # fmt: skip
+def retry_once(self: Any, n: int) -> None:
+    """Fails once, then succeeds: the retry waits on the broker (RabbitMQ, Redis)."""
+    _fail_first(self, n)
+
+
+@app.task(base=ResilientTask, bind=True, name="bench.retry_once_worker", ignore_result=True,
+          retry_policy=IN_A_SECOND, delayed_delivery="worker")  # fmt: skip
+def retry_once_worker(self: Any, n: int) -> None:
+    """The same, its retry held by the worker (Celery's ETA message)."""
+    _fail_first(self, n)
+
+
+@app.task(bind=True, name="bench.plain_retry_once", ignore_result=True, acks_late=True,
+          reject_on_worker_lost=True, autoretry_for=(ConnectionError,), max_retries=1,
+          default_retry_delay=1)  # fmt: skip
+def plain_retry_once(self: Any, n: int) -> None:
+    """The same with Celery's own autoretry, for comparison."""
+    _fail_first(self, n)

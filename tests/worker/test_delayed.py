@@ -272,3 +272,22 @@ def test_a_delayed_message_that_arrives_twice_runs_once(workers: WorkerRunner) -
     time.sleep(2.0)  # the second copy would have run by now
     assert len(runs(worker, "delayed.note", copied.id)) == 1
     assert "arrived twice" in worker.output_text()
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_delay_queues_declared_otherwise_leave_delays_to_the_worker(
+    workers: WorkerRunner,
+) -> None:
+    # Someone declared the delay queues with other arguments (here: classic, no TTL): RabbitMQ
+    # refuses the library's declaration, and the message is held by the worker instead of lost.
+    worker = workers.start(APP)
+    with worker.client.connection_for_write() as connection:
+        connection.default_channel.queue_declare(
+            f"{workers.broker.prefix}_celery_delayed_27", durable=True
+        )
+
+    result = publish(worker, "delayed.note", countdown=1)
+
+    assert result.get(timeout=20) == "noted"
+    (attempt,) = runs(worker, "delayed.note", result.id)
+    assert attempt["t"] >= datetime.fromisoformat(attempt["eta"]).timestamp()

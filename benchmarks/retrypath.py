@@ -1,0 +1,80 @@
+"""The retry path's throughput: tasks that fail once and succeed a second later, with the
+retry waiting on the broker, held by the worker, and Celery's own autoretry:
+``python -m benchmarks.retrypath``.
+
+For each variant, ``--tasks`` tasks are published, then one worker (``-c 2``) runs them: a
+first attempt that raises ``ConnectionError``, a retry a second later that succeeds. The figure
+is tasks per second from the first attempt to the last retry done (median of ``--rounds``).
+
+Example::
+
+    python -m benchmarks.retrypath --brokers rabbitmq,redis --tasks 3000 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from . import workload
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = {
+    "library, retry on the broker": "bench.retry_once",
+    "library, retry held by the worker": "bench.retry_once_worker",
+    "Celery autoretry": "bench.plain_retry_once",
+}
+
+
+def retry_path(site: workload.Site, task: str, tasks: int) -> dict[str, Any]:
+    """Tasks per second of ``tasks`` x ``task``, each attempted twice."""
+    with site.run(task.rsplit(".", 1)[-1]) as run:
+        run.publish(task, tasks)
+        run.start()
+        run.wait(
+            lambda: run.slots().count >= 2 * tasks,
+            workload._timeout(2 * tasks) + 30,
+            f"{tasks} x {task}, twice",
+        )
+        slots = run.slots()
+    seconds = slots.last - slots.first
+    return {"task": task, "tasks": tasks, "seconds": seconds, "per_second": tasks / seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.retrypath", description=__doc__)
+    parser.add_argument("--brokers", default="rabbitmq,redis", help="comma-separated")
+    parser.add_argument("--tasks", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    sites, skipped = workload.available(args.brokers.split(","))
+    for kind, why in skipped.items():
+        print(f"{kind}: skipped ({why})")
+    figures: dict[str, Any] = {}
+    try:
+        for kind, site in sites.items():
+            samples: dict[str, list[float]] = {label: [] for label in VARIANTS}
+            for _ in range(args.rounds):  # interleaved, so drift hits every variant alike
+                for label, task in VARIANTS.items():
+                    samples[label].append(retry_path(site, task, args.tasks)["per_second"])
+            base = statistics.median(samples["Celery autoretry"])
+            for label, values in samples.items():
+                median = statistics.median(values)
+                figures[f"{kind}, {label}"] = {"per_second": values, "median": median,
+                                               "against_celery": median / base}  # fmt: skip
+                print(f"{kind:8} {label:34} {median:7.0f} tasks/s  "
+                      f"x{median / base:4.2f} of Celery's autoretry  "
+                      f"(rounds: {', '.join(f'{v:.0f}' for v in values)})")  # fmt: skip
+    finally:
+        for site in sites.values():
+            site.close()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "retrypath.json").write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

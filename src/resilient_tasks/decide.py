@@ -247,7 +247,7 @@ def unretried_reason(exc: BaseException) -> Reason:
     return "exception"
 
 
-def decide(policy: Policy, state: AttemptState) -> RetryIn | GiveUp:
+def decide(policy: Policy, state: AttemptState, whole_seconds: bool = False) -> RetryIn | GiveUp:
     """Decide what follows a failed attempt. Pure, apart from a wait strategy's own jitter.
 
     In order: :class:`~resilient_tasks.Permanent` anywhere in the chain gives up
@@ -259,7 +259,8 @@ def decide(policy: Policy, state: AttemptState) -> RetryIn | GiveUp:
     error in the chain (:func:`resilient_tasks.classify.retry_after_seconds`, capped), else the
     policy's backoff; a retry that would start later than ``max_elapsed`` after the first
     attempt, or never (a backoff of infinity), gives up (``"deadline_exceeded"``); anything else
-    is retried after that wait.
+    is retried after that wait. With ``whole_seconds`` (where the broker delays in whole
+    seconds: RabbitMQ) the wait is rounded up first, so ``max_elapsed`` judges the real one.
 
     Example::
 
@@ -289,6 +290,8 @@ def decide(policy: Policy, state: AttemptState) -> RetryIn | GiveUp:
         delay = server if server is not None else policy.next_delay(state)
     if not _backoff["enabled"]:
         delay = 0.0
+    elif whole_seconds and 0 < delay < math.inf:
+        delay = float(math.ceil(delay - 1e-6))
     if math.isinf(delay) or (
         policy.max_elapsed is not None and state.elapsed + delay > policy.max_elapsed
     ):
@@ -346,4 +349,6 @@ def decide_for(task: Any, state: AttemptState) -> RetryIn | GiveUp:
     policy: Policy | None = getattr(task, "retry_policy", None)
     if policy is None:
         return GiveUp(celery_reason(task, state))
-    return decide(policy, state)
+    from .delayed import delays_in_whole_seconds  # the task's module imports this one
+
+    return decide(policy, state, whole_seconds=delays_in_whole_seconds(task))

@@ -144,6 +144,14 @@ def delayed_delivery_of(task: Any) -> Mode:
     return wanted
 
 
+def delays_in_whole_seconds(task: Any) -> bool:
+    """Whether the broker delays ``task``'s messages in whole seconds (RabbitMQ's delay
+    queues): a retry's wait is rounded up before it is judged against ``max_elapsed``."""
+    if not isinstance(task, DelayedDeliveryMixin) or task.app.conf.task_always_eager:
+        return False
+    return _driver_type(task.app) == "amqp" and delayed_delivery_of(task) == "broker"
+
+
 class DelayedDeliveryMixin(StepsMixin):
     """Delayed publishes of the task (retries with a countdown, ``apply_async(countdown=...)``
     and ``eta=``) wait on the broker, not in a worker's memory (see the module docstring).

@@ -248,6 +248,8 @@ class _Delaying:
         try:
             self._prepare(topology, queue, options)
         except ChannelError as exc:
+            if getattr(self._producer, "_resilient_pipelined", False):
+                raise  # the pipeline publishes it again on a producer of its own: here
             # The broker refused the topology (declared before with other arguments, or an
             # argument this RabbitMQ does not know): the worker holds the message instead.
             _warn_once(

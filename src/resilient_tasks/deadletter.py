@@ -43,7 +43,7 @@ from .envelope import (
 from .history import Attempt, History
 from .hooks import FailureHooksMixin, details_from_worker, give_up
 from .options import check_before, check_bool, invalid
-from .publish import publish_envelope
+from .publish import ConfirmPipelineStep, pipeline_for, publish_envelope
 
 if TYPE_CHECKING:
     from celery import Task as _TaskBase
@@ -55,6 +55,7 @@ __all__ = [
     "DeadLetterMixin",
     "dead_letter",
     "dead_letter_queue_name",
+    "dead_letter_then",
     "exception_info",
     "fail_for_good",
 ]
@@ -174,6 +175,13 @@ class DeadLetterMixin(_TaskBase):  # type: ignore[misc]
                 cls, "dead_letter_queue", template, f"not a valid template: {exc}"
             ) from None
 
+    @classmethod
+    def on_bound(cls, app: Any) -> None:
+        super().on_bound(app)
+        # The worker's main process publishes retries and envelopes without waiting for each
+        # confirm in turn (RabbitMQ): see resilient_tasks.publish.ConfirmPipeline.
+        app.steps["consumer"].add(ConfirmPipelineStep)
+
     def dead_letter_queue_for(self, queue: str) -> str:
         """The dead-letter queue for a message of this task that came from ``queue``."""
         return dead_letter_queue_name(self.dead_letter_queue, queue=queue, task=self.name)
@@ -193,13 +201,59 @@ class DeadLetterMixin(_TaskBase):  # type: ignore[misc]
 def dead_letter(request: Any, exc: BaseException, exc_info: ExceptionInfo, reason: Reason) -> bool:
     """Publish the envelope of the terminal failure ``exc`` of the worker's ``request``; on
     failure requeue the message (``acks_late``) and return False."""
-    task = request.task
+    return _published(request, exc, reason, *_prepared(request, exc, exc_info, reason))
+
+
+def dead_letter_then(
+    request: Any, exc: BaseException, exc_info: ExceptionInfo, reason: Reason, then: Any
+) -> None:
+    """:func:`dead_letter`, then ``then()`` if it was dead-lettered; through the worker's
+    :class:`~resilient_tasks.publish.ConfirmPipeline` where it runs (``then`` once the confirm
+    arrives), else at once."""
+    queue, envelope, source = _prepared(request, exc, exc_info, reason)
+    pipeline = pipeline_for(request.task.app)
+
+    def synchronously() -> None:
+        if _published(request, exc, reason, queue, envelope, source):
+            then()
+
+    if pipeline is None:
+        synchronously()
+        return
+
+    def confirmed() -> None:
+        _emit_dead_lettered(request, exc, reason, queue, envelope)
+        then()
+
+    app = request.task.app
+    pipeline.submit(
+        lambda producer: publish_envelope(app, queue, envelope, source, producer=producer),
+        confirmed,
+        synchronously,
+    )
+
+
+def _prepared(
+    request: Any, exc: BaseException, exc_info: ExceptionInfo, reason: Reason
+) -> tuple[str, dict[str, Any], str]:
+    """The dead-letter queue, the envelope and the queue the message came from."""
     envelope = envelope_or_bare(
         lambda: _envelope(request, exc, exc_info, reason), request.message, request.id,
         request.name, exc, reason,
     )  # fmt: skip
     source = envelope["task"]["queue"]
-    queue = task.dead_letter_queue_for(source)
+    return request.task.dead_letter_queue_for(source), envelope, source
+
+
+def _published(
+    request: Any,
+    exc: BaseException,
+    reason: Reason,
+    queue: str,
+    envelope: dict[str, Any],
+    source: str,
+) -> bool:
+    task = request.task
     try:
         publish_envelope(task.app, queue, envelope, source)
     except Exception:
@@ -219,6 +273,13 @@ def dead_letter(request: Any, exc: BaseException, exc_info: ExceptionInfo, reaso
             request.reject(requeue=True)
             return False
         return True
+    _emit_dead_lettered(request, exc, reason, queue, envelope)
+    return True
+
+
+def _emit_dead_lettered(
+    request: Any, exc: BaseException, reason: Reason, queue: str, envelope: dict[str, Any]
+) -> None:
     _events.emit(
         "task_dead_lettered",
         request=request,
@@ -227,7 +288,6 @@ def dead_letter(request: Any, exc: BaseException, exc_info: ExceptionInfo, reaso
         exception=exc,
         envelope=envelope,
     )
-    return True
 
 
 def fail_for_good(request: Any, exc: BaseException, reason: Reason) -> None:

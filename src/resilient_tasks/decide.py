@@ -260,7 +260,7 @@ def decide(policy: Policy, state: AttemptState, whole_seconds: bool = False) -> 
     policy's backoff; a retry that would start later than ``max_elapsed`` after the first
     attempt, or never (a backoff of infinity), gives up (``"deadline_exceeded"``); anything else
     is retried after that wait. With ``whole_seconds`` (where the broker delays in whole
-    seconds: RabbitMQ) the wait is rounded up first, so ``max_elapsed`` judges the real one.
+    seconds: RabbitMQ) ``max_elapsed`` judges the wait rounded up, the one the retry gets.
 
     Example::
 
@@ -290,10 +290,10 @@ def decide(policy: Policy, state: AttemptState, whole_seconds: bool = False) -> 
         delay = server if server is not None else policy.next_delay(state)
     if not _backoff["enabled"]:
         delay = 0.0
-    elif whole_seconds and 0 < delay < math.inf:
-        delay = float(math.ceil(delay - 1e-6))
+    # What the broker will wait: the delay rounded up where it counts whole seconds.
+    waits = float(math.ceil(delay - 1e-6)) if whole_seconds and 0 < delay < math.inf else delay
     if math.isinf(delay) or (
-        policy.max_elapsed is not None and state.elapsed + delay > policy.max_elapsed
+        policy.max_elapsed is not None and state.elapsed + waits > policy.max_elapsed
     ):
         return GiveUp("deadline_exceeded")
     return RetryIn(delay)

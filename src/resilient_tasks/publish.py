@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from typing import Any
 
 from amqp.exceptions import PreconditionFailed
-from celery import Celery, Signature
+from celery import Celery, Signature, bootsteps
 from kombu.connection import ConnectionPool
 from kombu.entity import Queue
 from kombu.messaging import Producer
@@ -126,7 +127,11 @@ def confirmed_producer(app: Celery) -> Iterator[Producer]:
 
 
 def publish_envelope(
-    app: Celery, queue: str, envelope: Mapping[str, Any], source: str | None = None
+    app: Celery,
+    queue: str,
+    envelope: Mapping[str, Any],
+    source: str | None = None,
+    producer: Producer | None = None,
 ) -> None:
     """Publish ``envelope`` persistent to the durable ``queue``; raise if the broker hasn't it.
 
@@ -138,6 +143,9 @@ def publish_envelope(
     declared = app.amqp.queues.get(queue) or dead_letter_queue_for(
         queue, app.amqp.queues.get(source) if source else None
     )
+    if producer is not None:  # a pipelined producer: no retry, no second try here
+        _publish_with(producer, queue, envelope, declare=[declared], retry=False)
+        return
     try:
         _publish(app, queue, envelope, declare=[declared])
     except PreconditionFailed:
@@ -154,24 +162,205 @@ def publish_envelope(
 
 def _publish(app: Celery, queue: str, envelope: Mapping[str, Any], declare: list[Any]) -> None:
     with confirmed_producer(app) as producer:
-        producer.publish(  # type: ignore[no-untyped-call]
-            dict(envelope),
-            exchange="",
-            routing_key=queue,
-            serializer="json",
-            delivery_mode=2,
-            declare=declare,
-            headers={
-                HEADER_REASON: envelope.get("reason"),
-                HEADER_TASK: envelope.get("task", {}).get("name"),
-            },
-            retry=True,
-            retry_policy=dict(PUBLISH_RETRY_POLICY),
-        )
+        _publish_with(producer, queue, envelope, declare, retry=True)
 
 
-def publish_signature(app: Celery, signature: Signature) -> None:
+def _publish_with(
+    producer: Producer, queue: str, envelope: Mapping[str, Any], declare: list[Any], retry: bool
+) -> None:
+    producer.publish(  # type: ignore[no-untyped-call]
+        dict(envelope),
+        exchange="",
+        routing_key=queue,
+        serializer="json",
+        delivery_mode=2,
+        declare=declare,
+        headers={
+            HEADER_REASON: envelope.get("reason"),
+            HEADER_TASK: envelope.get("task", {}).get("name"),
+        },
+        retry=retry,
+        retry_policy=dict(PUBLISH_RETRY_POLICY),
+    )
+
+
+def publish_signature(app: Celery, signature: Signature, producer: Producer | None = None) -> None:
     """Publish the task message ``signature`` describes (a retry, a redelivery) with publisher
-    confirms; raise if the broker did not take it."""
+    confirms; raise if the broker did not take it. With ``producer`` (a pipelined one), publish
+    on it once, without retrying."""
+    if producer is not None:
+        signature.apply_async(producer=producer, retry=False)
+        return
     with confirmed_producer(app) as producer:
         signature.apply_async(producer=producer)
+
+
+# -- pipelined confirms, in the worker's main process -------------------------------------------
+
+
+class ConfirmPipeline:
+    """The worker's main process's publishes that do not wait for their confirm (RabbitMQ).
+
+    A confirmed publish waits for RabbitMQ to write the message to disk: about 2 ms, during
+    which the main process does nothing else, so it settles at most ~500 failures a second. Here
+    a publish (a retry, an envelope) goes out on a channel in confirm mode and the caller's
+    continuation (``done``: acknowledge the original, Celery's bookkeeping) runs when its
+    confirm arrives, read by the worker's event loop; meanwhile the next one is published.
+
+    Nothing is decided here that the synchronous path does not decide: a nack, a lost
+    connection, a publish that raises, and whatever is pending when the worker stops hand the
+    message to its ``fallback``, which publishes it again with a confirm it waits for, as
+    before (so a message whose confirm was lost with the connection may be published twice,
+    which the synchronous path's reconnect-and-retry does as well; none is lost).
+    """
+
+    #: How long the worker's stop waits for the confirms of what is pending.
+    FLUSH_TIMEOUT = 10.0
+
+    def __init__(self, app: Celery, hub: Any) -> None:
+        self.app = app
+        self.hub = hub
+        self._connection: Any = None
+        self._producer: Any = None
+        self._fd: int | None = None
+        self._tag = 0
+        self._pending: dict[int, tuple[Any, Any]] = {}
+        self._ready: list[Any] = []
+        self._busy = False
+        self.closed = False
+
+    def submit(self, publish: Any, done: Any, fallback: Any) -> None:
+        """Run ``publish(producer)``; then ``done()`` once RabbitMQ confirms it, or
+        ``fallback()`` if it cannot."""
+        if self.closed:
+            fallback()
+            return
+        self._busy = True
+        try:
+            producer = self._open()
+            channel = producer.channel
+            publish(producer)
+            if producer.channel is not channel:  # revived on a channel without confirms
+                raise ConnectionError("the confirming channel was replaced")
+            self._tag += 1
+            self._pending[self._tag] = (done, fallback)
+        except Exception:
+            logger.debug("resilient_tasks: pipelined publish failed; publishing it again and "
+                         "waiting for its confirm", exc_info=True)  # fmt: skip
+            self._broken()
+            self._ready.append(fallback)
+        finally:
+            self._busy = False
+        self._run_ready()
+
+    def _open(self) -> Any:
+        if self._producer is not None:
+            return self._producer
+        # No heartbeats: the worker's event loop reads this connection only when it has data.
+        connection = self.app.connection_for_write(heartbeat=0)
+        connection.ensure_connection(max_retries=1)
+        channel = connection.channel()
+        channel.confirm_select()
+        channel.events["basic_ack"].add(self._on_ack)
+        channel.events["basic_nack"].add(self._on_nack)
+        raw = connection.connection
+        raw.transport.raise_on_initial_eintr = True  # an empty read raises, as Kombu's loop does
+        self._fd = raw.sock.fileno()
+        self.hub.add_reader(self._fd, self._on_readable)
+        self._connection = connection
+        self._producer = Producer(channel)  # type: ignore[no-untyped-call]
+        self._producer._resilient_pipelined = True
+        return self._producer
+
+    def _settle(self, tag: int, multiple: bool, which: int) -> None:
+        for pending in [t for t in self._pending if t == tag or (multiple and t < tag)]:
+            self._ready.append(self._pending.pop(pending)[which])
+        if not self._busy:
+            self._run_ready()
+
+    def _on_ack(self, tag: int, multiple: bool = False) -> None:
+        self._settle(tag, multiple, 0)
+
+    def _on_nack(self, tag: int, multiple: bool = False) -> None:
+        logger.warning("resilient_tasks: RabbitMQ refused a publish (nack); publishing it again")
+        self._settle(tag, multiple, 1)
+
+    def _on_readable(self) -> None:
+        try:
+            for _ in range(1000):  # what has arrived; the loop calls again for the rest
+                self._connection.drain_events(timeout=0)
+        except (TimeoutError, BlockingIOError, InterruptedError):
+            pass
+        except Exception:
+            logger.warning("resilient_tasks: the publishing connection failed; publishing "
+                           "what awaited its confirm again", exc_info=True)  # fmt: skip
+            self._broken()
+        self._run_ready()
+
+    def _broken(self) -> None:
+        """Every pending publish to its fallback; a new connection for the next."""
+        self._ready.extend(fallback for _, fallback in self._pending.values())
+        self._pending.clear()
+        if self._fd is not None:
+            with suppress(Exception):
+                self.hub.remove_reader(self._fd)
+            self._fd = None
+        if self._connection is not None:
+            with suppress(Exception):
+                self._connection.collect()
+        self._connection = self._producer = None
+        self._tag = 0  # a new channel counts its delivery tags from 1
+
+    def _run_ready(self) -> None:
+        while self._ready:
+            then = self._ready.pop(0)
+            try:
+                then()
+            except Exception:
+                logger.exception("resilient_tasks: settling a message after its publish failed")
+
+    def close(self) -> None:
+        """Wait for the confirms still to come (at most :attr:`FLUSH_TIMEOUT`), hand the rest
+        to their fallback, and publish synchronously from now on."""
+        self.closed = True
+        deadline = time.monotonic() + self.FLUSH_TIMEOUT
+        while self._pending and self._connection is not None and time.monotonic() < deadline:
+            try:
+                self._connection.drain_events(timeout=max(0.01, deadline - time.monotonic()))
+            except (TimeoutError, BlockingIOError, InterruptedError):
+                continue
+            except Exception:
+                break
+        self._broken()
+        self._run_ready()
+
+
+_pipelines: weakref.WeakKeyDictionary[Celery, ConfirmPipeline] = weakref.WeakKeyDictionary()
+
+
+def pipeline_for(app: Celery) -> ConfirmPipeline | None:
+    """The app's pipeline in this worker's main process while its consumer runs; ``None``
+    elsewhere (a pool child, a tool, a worker stopping): publish and wait for the confirm."""
+    pipeline = _pipelines.get(app)
+    return None if pipeline is None or pipeline.closed else pipeline
+
+
+class ConfirmPipelineStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """A step of the worker's consumer: the :class:`ConfirmPipeline` of the worker's main
+    process on RabbitMQ, flushed when the consumer stops (before its connection closes)."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, parent: Any) -> None:
+        hub = getattr(parent, "hub", None)
+        connection = parent.connection
+        if hub is None or connection is None or connection.transport.driver_type != "amqp":
+            return
+        _pipelines[parent.app] = ConfirmPipeline(parent.app, hub)
+
+    def stop(self, parent: Any) -> None:
+        pipeline = _pipelines.pop(parent.app, None)
+        if pipeline is not None:
+            pipeline.close()
+
+    shutdown = stop

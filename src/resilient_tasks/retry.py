@@ -49,7 +49,7 @@ from .options import (
     invalid,
 )
 from .policy import RetryPolicy
-from .publish import publish_signature
+from .publish import pipeline_for, publish_signature
 
 __all__ = ["HandedOverRetry", "RetryMixin"]
 
@@ -420,6 +420,28 @@ def publish_retry(request: Any, retry: HandedOverRetry) -> bool:
             deadletter.fail_for_good(request, error, "exception")
         return False
     return True
+
+
+def publish_retry_then(request: Any, retry: HandedOverRetry, then: Any) -> None:
+    """:func:`publish_retry`, then ``then()`` if it was published; through the worker's
+    :class:`~resilient_tasks.publish.ConfirmPipeline` where it runs (``then`` once the confirm
+    arrives), else at once."""
+    pipeline = pipeline_for(request.task.app)
+
+    def synchronously() -> None:
+        if publish_retry(request, retry):
+            then()
+
+    if pipeline is None:
+        synchronously()
+        return
+    app = request.task.app
+    signature = Signature.from_dict(dict(retry.sig), app=app)
+    pipeline.submit(
+        lambda producer: publish_signature(app, signature, producer=producer),
+        then,
+        synchronously,
+    )
 
 
 def retry_from_worker(request: Any, exc: BaseException, delay: float) -> None:

@@ -123,7 +123,14 @@ class ResilientRequest(Request):  # type: ignore[misc]
                          "outcome of the same run", self.name, self.id)  # fmt: skip
             return None
         exc = _unwrap(exc_info.exception)
-        if isinstance(exc, retry.HandedOverRetry) and not retry.publish_retry(self, exc):
+        celery_on_failure = functools.partial(
+            super().on_failure, exc_info, send_failed_event, return_ok
+        )
+        if isinstance(exc, retry.HandedOverRetry):
+            # Published, then Celery goes on (records the retry, acknowledges the message):
+            # at once, or when RabbitMQ confirms it (resilient_tasks.publish.ConfirmPipeline).
+            self._resilient_settled = True
+            retry.publish_retry_then(self, exc, celery_on_failure)
             return None
         task = self.task
         if timelimit.handles_losses(task) and not state.should_terminate:
@@ -132,15 +139,13 @@ class ResilientRequest(Request):  # type: ignore[misc]
             if isinstance(exc, WorkerLostError) and not (
                 self._already_revoked or self._already_cancelled or self._succeeded_before()
             ):
-                celery_on_failure = super().on_failure
-                fail = functools.partial(celery_on_failure, exc_info, send_failed_event, return_ok)
-                return timelimit.settle_worker_lost(self, exc, exc_info, fail)
+                return timelimit.settle_worker_lost(self, exc, exc_info, celery_on_failure)
         if not getattr(task, "dead_letter", False) or isinstance(exc, _NOT_TERMINAL):
             return super().on_failure(exc_info, send_failed_event, return_ok)
         reason = retry.give_up_reason(self, exc, exc_info)
-        if not deadletter.dead_letter(self, exc, exc_info, reason):
-            return None
-        return super().on_failure(exc_info, send_failed_event, return_ok)
+        self._resilient_settled = True
+        deadletter.dead_letter_then(self, exc, exc_info, reason, celery_on_failure)
+        return None
 
     def _succeeded_before(self) -> bool:
         stored = getattr(self, "_success_was_stored", None)  # Celery >= 5.6

@@ -1,0 +1,101 @@
+"""The worker's pipelined publishes: each continuation runs when its confirm arrives, and
+every other outcome (a nack, a publish that raises, a lost connection, the worker stopping
+with confirms still to come) falls back to publishing again and waiting for the confirm."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from resilient_tasks.publish import ConfirmPipeline
+
+
+class FakePipeline(ConfirmPipeline):
+    """A pipeline whose connection is a list of published bodies."""
+
+    def __init__(self) -> None:
+        super().__init__(app=None, hub=None)  # type: ignore[arg-type]
+        self.published: list[str] = []
+        self.opened = 0
+
+    def _open(self) -> Any:
+        if self._producer is None:
+            self.opened += 1
+            self._producer = SimpleNamespace(channel=object())
+            self._connection = SimpleNamespace(drain_events=self._nothing, collect=lambda: None)
+        return self._producer
+
+    @staticmethod
+    def _nothing(timeout: float | None = None) -> None:
+        raise TimeoutError
+
+
+def submit(pipeline: ConfirmPipeline, name: str, log: list[str], fails: bool = False) -> None:
+    def publish(producer: Any) -> None:
+        if fails:
+            raise ConnectionResetError("connection reset by peer")
+        pipeline.published.append(name)  # type: ignore[attr-defined]
+
+    pipeline.submit(publish, lambda: log.append(f"{name} done"),
+                    lambda: log.append(f"{name} again"))  # fmt: skip
+
+
+def test_each_continuation_runs_when_its_confirm_arrives() -> None:
+    pipeline, log = FakePipeline(), []
+    for name in "abc":
+        submit(pipeline, name, log)
+
+    assert log == []  # published, none confirmed yet
+    pipeline._on_ack(2, multiple=True)
+    assert log == ["a done", "b done"]
+    pipeline._on_ack(3)
+    assert log == ["a done", "b done", "c done"]
+
+
+def test_a_nacked_publish_is_published_again() -> None:
+    pipeline, log = FakePipeline(), []
+    submit(pipeline, "a", log)
+    submit(pipeline, "b", log)
+
+    pipeline._on_nack(1)
+    pipeline._on_ack(2)
+
+    assert log == ["a again", "b done"]
+
+
+def test_a_publish_that_raises_hands_everything_pending_to_the_fallback() -> None:
+    pipeline, log = FakePipeline(), []
+    submit(pipeline, "a", log)
+
+    submit(pipeline, "b", log, fails=True)  # the connection is gone: a's confirm with it
+    submit(pipeline, "c", log)
+    pipeline._on_ack(1)
+
+    assert log == ["a again", "b again", "c done"]
+    assert pipeline.opened == 2  # a new connection, whose delivery tags start again
+
+
+def test_stopping_with_confirms_to_come_publishes_them_again_then_waits_for_each() -> None:
+    pipeline, log = FakePipeline(), []
+    pipeline.FLUSH_TIMEOUT = 0.05
+    submit(pipeline, "a", log)
+
+    pipeline.close()
+    submit(pipeline, "b", log)
+
+    assert log == ["a again", "b again"]
+
+
+def test_a_continuation_that_raises_does_not_stop_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pipeline, log = FakePipeline(), []
+    pipeline.submit(lambda producer: None, lambda: 1 / 0, lambda: None)
+    submit(pipeline, "b", log)
+
+    pipeline._on_ack(2, multiple=True)
+
+    assert log == ["b done"]
+    assert "ZeroDivisionError" in caplog.text

@@ -24,7 +24,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from . import ROOT, inprocess, profiling, report, workload
+from . import ROOT, inprocess, profiling, report, retrypath, workload
 
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"
@@ -50,6 +50,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="how many of the rounds also run the failure path and replay",
     )
     parser.add_argument("--storm-tasks", type=int, default=10_000, help="0 skips the storm")
+    parser.add_argument(
+        "--retry-tasks", type=int, default=3000, help="tasks per retry-path run; 0 skips it"
+    )
     parser.add_argument(
         "--storm-hold-timeout",
         type=float,
@@ -94,6 +97,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
             failure_rounds=2,
             storm_tasks=1000,
             storm_hold_timeout=30.0,
+            retry_tasks=300,
             inprocess_iterations=5000,
             inprocess_repeats=5,
             py_spy_tasks=1000,
@@ -224,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
                         workload.retry_storm, site, args.storm_tasks, 500,
                         args.storm_hold_timeout, 20, "bench.plain_storm",
                     )  # fmt: skip
+        raw["retry_path"] = {}
+        if args.retry_tasks and not args.success_only:
+            for kind, site in sites.items():
+                say(f"{kind}: the retry path, {args.retry_tasks} tasks failing once")
+                raw["retry_path"].update(
+                    retrypath.measure(site, kind, args.retry_tasks, min(3, args.rounds))
+                )
         if not args.no_profile and args.py_spy_tasks and not args.success_only:
             # One broker is enough to see where a worker spends its time.
             for kind, site in list(sites.items())[:1]:

@@ -44,6 +44,25 @@ def retry_path(site: workload.Site, task: str, tasks: int) -> dict[str, Any]:
     return {"task": task, "tasks": tasks, "seconds": seconds, "per_second": tasks / seconds}
 
 
+def measure(site: workload.Site, kind: str, tasks: int, rounds: int) -> dict[str, Any]:
+    """Each variant ``rounds`` times, interleaved so that drift hits every variant alike;
+    the median per variant and its ratio to Celery's autoretry, printed as they come."""
+    samples: dict[str, list[float]] = {label: [] for label in VARIANTS}
+    for _ in range(rounds):
+        for label, task in VARIANTS.items():
+            samples[label].append(retry_path(site, task, tasks)["per_second"])
+    base = statistics.median(samples["Celery autoretry"])
+    figures: dict[str, Any] = {}
+    for label, values in samples.items():
+        median = statistics.median(values)
+        figures[f"{kind}, {label}"] = {"per_second": values, "median": median,
+                                       "against_celery": median / base}  # fmt: skip
+        print(f"{kind:8} {label:34} {median:7.0f} tasks/s  "
+              f"x{median / base:4.2f} of Celery's autoretry  "
+              f"(rounds: {', '.join(f'{v:.0f}' for v in values)})", flush=True)  # fmt: skip
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.retrypath", description=__doc__)
     parser.add_argument("--brokers", default="rabbitmq,redis", help="comma-separated")
@@ -56,18 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, Any] = {}
     try:
         for kind, site in sites.items():
-            samples: dict[str, list[float]] = {label: [] for label in VARIANTS}
-            for _ in range(args.rounds):  # interleaved, so drift hits every variant alike
-                for label, task in VARIANTS.items():
-                    samples[label].append(retry_path(site, task, args.tasks)["per_second"])
-            base = statistics.median(samples["Celery autoretry"])
-            for label, values in samples.items():
-                median = statistics.median(values)
-                figures[f"{kind}, {label}"] = {"per_second": values, "median": median,
-                                               "against_celery": median / base}  # fmt: skip
-                print(f"{kind:8} {label:34} {median:7.0f} tasks/s  "
-                      f"x{median / base:4.2f} of Celery's autoretry  "
-                      f"(rounds: {', '.join(f'{v:.0f}' for v in values)})")  # fmt: skip
+            figures.update(measure(site, kind, args.tasks, args.rounds))
     finally:
         for site in sites.values():
             site.close()

@@ -127,13 +127,16 @@ def in_the_main_process(
     seen: list[tuple[BaseException, Reason]] = []
 
     def capture(
-        self: ResilientRequest, exc: BaseException, exc_info: ExceptionInfo, reason: Reason
-    ) -> bool:
-        seen.append((exc, reason))
-        return False  # as if it was requeued: on_failure stops there
+        self: ResilientRequest,
+        exc: BaseException,
+        exc_info: ExceptionInfo,
+        reason: Reason,
+        then: Any,
+    ) -> None:
+        seen.append((exc, reason))  # and not ``then()``: as if it was requeued
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(deadletter, "dead_letter", capture)
+        patch.setattr(deadletter, "dead_letter_then", capture)
         request = ResilientRequest(_message(headers), app=task.app, task=task, hostname="w1@h")
         request.on_failure(einfo)
     assert len(seen) == 1

@@ -14,6 +14,7 @@ Writes ``benchmarks/results/latest.json`` (every sample; git-ignored), ``docs/be
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shlex
 import sys
@@ -89,6 +90,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--note", default="", help="shown above the figures, e.g. 'noisy'")
     parser.add_argument("--no-docs", action="store_true", help="write the JSON only")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="measure nothing: write the summary and the docs from results/latest.json again",
+    )
     if parser.parse_known_args(argv)[0].quick:
         # Small sizes as defaults, so that an option given beside --quick still counts.
         parser.set_defaults(
@@ -188,6 +194,8 @@ def throughput(sites: dict[str, workload.Site], args: argparse.Namespace) -> dic
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.render_only:
+        return render(json.loads((RESULTS / "latest.json").read_text()), args)
     command = "nox -s bench" + (" -- " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
     raw: dict[str, Any] = {
         "generated_at": datetime.now(timezone.utc).isoformat(),
@@ -247,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         for site in sites.values():
             site.close()
     report.write_json(RESULTS / "latest.json", raw)
+    return render(raw, args)
+
+
+def render(raw: dict[str, Any], args: argparse.Namespace) -> int:
+    """The summary, the docs' figures section and chart, from a run's raw results."""
     summary = report.summarise(raw)
     report.write_json(RESULTS / "summary.json", summary)
     if not args.no_docs:

@@ -242,21 +242,25 @@ def markdown(summary: dict[str, Any], chart: str | None) -> str:
             "",
             "**Retry storm**: tasks each retried once an hour later. A `ResilientTask`'s retry "
             'waits on the broker (`delayed_delivery="broker"`); Celery\'s autoretry is an ETA '
-            "message, held, unacknowledged, by the worker that receives it. *held*: the retries "
+            "message, held, unacknowledged, by the worker that receives it. *retries a second*: "
+            "first attempts failed and their retries scheduled, per second; *held*: the retries "
             "the worker had pulled in when measured; *on the broker*: those waiting there; "
             "*main growth*: VmRSS growth of the worker's main process; *probe wait*: how long "
             "ordinary tasks published after the storm waited to start:",
             "",
-            "| broker | tasks | held by the worker | on the broker | main growth | probe wait |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| broker | tasks | retries a second | held by the worker | on the broker "
+            "| main growth | probe wait |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for broker, s in storm.items():
             if "skipped" in s:
-                lines.append(f"| {broker} | {s['skipped']} | | | | |")
+                lines.append(f"| {broker} | {s['skipped']} | | | | | |")
                 continue
             wait = s["probe_wait_seconds"]
             lines.append(
-                f"| {broker} | {s['tasks']:,} | {s['held_in_worker']:,} after "
+                f"| {broker} | {s['tasks']:,} "
+                f"| {s['tasks'] / s['first_attempts_seconds']:,.0f} "
+                f"| {s['held_in_worker']:,} after "
                 f"{s['seconds_until_measured']:.0f} s "
                 f"| {s.get('delayed_on_broker', 0):,} "
                 f"| {s['main_growth_kib'] / 1024:,.1f} MiB "

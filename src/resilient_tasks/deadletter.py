@@ -6,10 +6,13 @@ Both halves are here: the mixin, which the task declares, and :func:`dead_letter
 ``Request.on_failure`` (:mod:`resilient_tasks.worker`), where the message exactly as the broker
 delivered it is at hand, and *before* Celery acknowledges it:
 
-1. the envelope is published persistent to the dead-letter queue (declared durable), through
-   Kombu's producer pool with publisher confirms on RabbitMQ, retried by Kombu's retry policy on
-   connection errors;
-2. only then does Celery go on: it records FAILURE, fires ``link_error`` and acknowledges.
+1. the envelope is published persistent to the dead-letter queue (declared durable), with
+   publisher confirms on RabbitMQ: through the worker's
+   :class:`~resilient_tasks.publish.ConfirmPipeline`, which goes on with other messages while
+   the confirm is on its way, else (and whenever that fails) through Kombu's producer pool,
+   waiting for it, retried by Kombu's retry policy on connection errors;
+2. only once it is confirmed does Celery go on: it records FAILURE, fires ``link_error`` and
+   acknowledges.
 
 If the envelope cannot be published (a nack, a lost connection, retries spent), nothing is lost:
 with ``acks_late`` (the default) the message is rejected with requeue and comes back, and the

@@ -3,7 +3,9 @@ task messages the worker's main process publishes (retries, redeliveries).
 
 Every publish goes through :func:`confirmed_producer`: a Kombu producer pool per app and
 process with publisher confirms on RabbitMQ, which survives the worker forking its pool
-children. A publish returns once the broker has the message, or raises.
+children. A publish returns once the broker has the message, or raises. In the worker's main
+process on RabbitMQ, retries and envelopes go through :class:`ConfirmPipeline` first, which
+does not wait for each confirm in turn.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -67,3 +68,30 @@ def successes(worker: Worker) -> Counter[str]:
 
 def republish(worker: Worker, envelope: dict[str, Any]) -> None:
     publish_envelope(worker.client, f"{worker.queue}.dlq", envelope, worker.queue)
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq", "redis"], indirect=True)
+def test_a_warm_shutdown_mid_burst_dead_letters_each_failure_once(
+    workers: WorkerRunner,
+) -> None:
+    # The main process publishes envelopes without waiting for each confirm: stopping the
+    # worker (SIGTERM) while confirms are on their way must neither lose a failure nor
+    # dead-letter it twice. A second worker finishes what the first left.
+    worker = workers.start(APP, concurrency=2)
+    sent = {worker.send("dl.permanent", n, str(worker.log)).id for n in range(400)}
+    found: list[Any] = []
+    worker.wait_for(
+        lambda: found.extend(worker.drain(f"{worker.queue}.dlq")) or len(found) >= 60,
+        what="the first 60 dead letters",
+    )
+
+    workers.stop(worker, signal.SIGTERM)
+    assert worker.process.returncode == 0  # a warm shutdown, not killed
+    workers.start(APP, queues=[worker.queue])
+    found += worker.dead_letters(400 - len(found), timeout=120)
+    time.sleep(1.0)
+    found += worker.drain(f"{worker.queue}.dlq")
+
+    ids = Counter(e["task"]["id"] for e in found)
+    assert set(ids) == sent
+    assert max(ids.values()) == 1

@@ -24,6 +24,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from typing import Any
 
 from amqp.exceptions import ChannelError
@@ -52,6 +53,10 @@ PREFIX_SETTING = "resilient_tasks_delayed_prefix"
 #: Celery's setting (5.5+) for the type of the delay queues; the same default here.
 QUEUE_TYPE_SETTING = "broker_native_delayed_delivery_queue_type"
 _WILDCARDS = frozenset("*#")
+#: The last word of the library's routing keys and bindings in the topology: Celery binds the
+#: delivery exchange with ``#.<routing key>`` (a suffix match), which then matches neither a
+#: library message nor a library binding.
+SENTINEL = "resilient_tasks"
 #: An exchange of a delay topology (any prefix).
 TOPOLOGY_EXCHANGE = re.compile(r"(?:.+_)?celery_delayed_(?:\d+|delivery)")
 
@@ -112,7 +117,7 @@ class Topology:
 
     def bind(self, channel: Any, queue: str) -> None:
         """Bind ``queue`` to the delivery exchange: it gets the messages delayed for it."""
-        channel.queue_bind(queue, self.delivery, "*." * BITS + queue)
+        channel.queue_bind(queue, self.delivery, "*." * BITS + queue + "." + SENTINEL)
 
     def delete(self, channel: Any) -> None:
         """Delete the topology and every message waiting in it (for tests and teardown)."""
@@ -123,7 +128,7 @@ class Topology:
 
 def routing_key(seconds: int, queue: str) -> str:
     """``queue``'s routing key through the topology for a delay of ``seconds``."""
-    return ".".join(format(seconds, f"0{BITS}b")) + "." + queue
+    return ".".join(format(seconds, f"0{BITS}b")) + "." + queue + "." + SENTINEL
 
 
 def whole_seconds(delay: float) -> int:
@@ -141,9 +146,9 @@ def restore_route(message: Any) -> bool:
     published with (its ``delivery_info``): Celery reads them for a retry's route. Whether it
     arrived through the topology."""
     headers = getattr(message, "headers", None) or {}
-    route = headers.get(ROUTE_HEADER)
+    route: Any = headers.get(ROUTE_HEADER)
     info = getattr(message, "delivery_info", None)
-    if not isinstance(route, (list, tuple)) or len(route) != 2 or not isinstance(info, dict):
+    if not _is_route(route) or not isinstance(info, dict):
         return False
     # The exchange RabbitMQ names is the last it dead-lettered the message to: a level's.
     if not TOPOLOGY_EXCHANGE.fullmatch(str(info.get("exchange") or "")):
@@ -189,14 +194,19 @@ arrivals = Arrivals()
 
 
 def _routes(queue: Queue, exchange: str, key: str) -> bool:
-    """Whether a message published to ``exchange`` with ``key`` reaches ``queue`` (the
-    routing Celery itself sets up: the queue's own exchange and routing key)."""
+    """Whether a message published to ``exchange`` with ``key`` is for ``queue``: the default
+    exchange and the queue's name, or the queue's own direct exchange and routing key. (A
+    topic or fanout exchange may copy a message to several queues: Celery's own delay, held
+    by the worker, keeps that.)"""
     if exchange == "":
         return queue.name == key
     own = queue.exchange
-    if own is None or own.name != exchange:
-        return False
-    return own.type == "fanout" or queue.routing_key == key
+    return (
+        own is not None
+        and own.name == exchange
+        and own.type == "direct"
+        and queue.routing_key == key
+    )
 
 
 def destination(app: Celery, exchange: str, key: str, declare: Iterable[Any]) -> Queue | None:
@@ -228,10 +238,16 @@ class _Delaying:
         from .delayed import _delay_ms, _warn_once
 
         headers: Mapping[str, Any] = options.get("headers") or {}
-        delay_ms = _delay_ms(headers)
         exchange = options.get("exchange")
         exchange_name = str(getattr(exchange, "name", exchange) or "")
         key = str(options.get("routing_key") or "")
+        route: Any = headers.get(ROUTE_HEADER)
+        if TOPOLOGY_EXCHANGE.fullmatch(exchange_name) and _is_route(route):
+            # Published again from a message that came through the topology (a retry, by a
+            # worker whose Request did not give it its route back): its own route.
+            exchange_name, key = str(route[0]), str(route[1])
+            options.update(exchange=exchange_name, routing_key=key)
+        delay_ms = _delay_ms(headers)
         if delay_ms <= 0 or "celery_delayed_" in exchange_name:  # not delayed, or by Celery
             return self._producer.publish(body, **options)
         seconds = whole_seconds(delay_ms / 1000)
@@ -239,26 +255,13 @@ class _Delaying:
         if queue is None or not bindable(queue.name) or seconds >= 2**BITS:
             _warn_once(
                 f"resilient_tasks: a delayed message to exchange {exchange_name!r} with routing "
-                f"key {key!r} is not for exactly one queue the app knows (or its delay or "
-                "queue name cannot go through the delay queues): the worker holds it, as "
-                "Celery does"
+                f"key {key!r} is not for exactly one queue the app knows through the default "
+                "or a direct exchange (or its delay or queue name cannot go through the delay "
+                "queues): the worker holds it, as Celery does"
             )
             return self._producer.publish(body, **options)
         topology = Topology.of(self._app)
-        try:
-            self._prepare(topology, queue, options)
-        except ChannelError as exc:
-            if getattr(self._producer, "_resilient_pipelined", False):
-                raise  # the pipeline publishes it again on a producer of its own: here
-            # The broker refused the topology (declared before with other arguments, or an
-            # argument this RabbitMQ does not know): the worker holds the message instead.
-            _warn_once(
-                f"resilient_tasks: RabbitMQ refused the delay queues ({exc}); the worker "
-                "holds delayed messages, as Celery does. Declared by hand or by another "
-                f"version with other arguments? Set {QUEUE_TYPE_SETTING} to their queue type, "
-                f"or {PREFIX_SETTING} to give this app its own"
-            )
-            self._producer.revive(self._producer.connection.channel())  # the old one is closed
+        if not self._prepared(topology, queue, options):
             return self._producer.publish(body, **options)
         options.update(
             exchange=topology.entry,
@@ -268,32 +271,60 @@ class _Delaying:
         )
         return self._producer.publish(body, **options)
 
-    def _prepare(self, topology: Topology, queue: Queue, options: Mapping[str, Any]) -> None:
+    def _prepared(self, topology: Topology, queue: Queue, options: Mapping[str, Any]) -> bool:
         """Declare the topology and bind ``queue``, once per connection: Kombu's own cache of
         what a connection declared (``declared_entities``), emptied when it reconnects, so a
-        broker that lost them (reset, or the topology deleted) gets them again."""
+        broker that lost them (reset, or the topology deleted) gets them again. On a channel of
+        their own: a refusal closes that one, not the producer's. False if RabbitMQ refused
+        them (remembered for the connection)."""
+        from .delayed import _warn_once
+
         connection = self._producer.connection
         declared = connection.declared_entities
         levels = ("resilient_tasks.delay_topology", topology.prefix, topology.queue_type)
         bound = ("resilient_tasks.delay_binding", topology.prefix, queue.name)
+        refused = ("resilient_tasks.delay_refused", topology.prefix, topology.queue_type)
+        if refused in declared:
+            return False
         if levels in declared and bound in declared:
-            return
+            return True
 
         def prepare() -> None:
-            channel = self._producer.channel
-            if levels not in declared:
-                topology.declare(channel)
-                declared.add(levels)
-            if not getattr(queue, "no_declare", False):
-                maybe_declare(queue, channel)  # type: ignore[no-untyped-call]
-            topology.bind(channel, queue.name)
-            declared.add(bound)
+            channel = connection.channel()
+            try:
+                if levels not in declared:
+                    topology.declare(channel)
+                    declared.add(levels)
+                if not getattr(queue, "no_declare", False):
+                    maybe_declare(queue, channel)  # type: ignore[no-untyped-call]
+                topology.bind(channel, queue.name)
+                declared.add(bound)
+            finally:
+                with suppress(Exception):
+                    channel.close()
 
-        if options.get("retry"):
-            policy = options.get("retry_policy") or {}
-            connection.ensure(self._producer, prepare, **policy)()
-        else:
-            prepare()
+        try:
+            if options.get("retry"):
+                policy = options.get("retry_policy") or {}
+                connection.ensure(self._producer, prepare, **policy)()
+            else:
+                prepare()
+        except ChannelError as exc:
+            # Declared before with other arguments, or an argument this RabbitMQ does not
+            # know: the worker holds delayed messages instead, as Celery does.
+            declared.add(refused)
+            _warn_once(
+                f"resilient_tasks: RabbitMQ refused the delay queues ({exc}); the worker "
+                "holds delayed messages, as Celery does. Declared by hand or by another "
+                f"version with other arguments? Set {QUEUE_TYPE_SETTING} to their queue type, "
+                f"or {PREFIX_SETTING} to give this app its own"
+            )
+            return False
+        return True
+
+
+def _is_route(route: Any) -> bool:
+    return isinstance(route, (list, tuple)) and len(route) == 2
 
 
 def delaying_producer(producer: Any, app: Celery) -> Any:

@@ -21,7 +21,7 @@ is ``"broker"`` to the broker's own waiting room instead:
   Celery does; ``delayed_delivery="broker"`` logs that once.
 
 The app setting ``resilient_tasks_delayed_delivery`` sets the default for every task of the app;
-without it, Redis delays on the broker and every other transport in the worker.
+without it, Redis and RabbitMQ delay on the broker and every other transport in the worker.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from typing import Any
 
 from celery.utils.serialization import UnpickleableExceptionWrapper
 
-from ._delayed_rabbitmq import TOPOLOGY_EXCHANGE
+from ._delayed_rabbitmq import SENTINEL, TOPOLOGY_EXCHANGE
 from .decide import Reason
 from .history import MAX_MESSAGE_CHARS, Attempt, History, exception_type_name, truncate
 
@@ -435,7 +435,7 @@ def own_routing_key(delivery: Mapping[str, Any]) -> str:
     delayed delivery puts in front of it."""
     routing_key = str(delivery.get("routing_key") or "")
     if TOPOLOGY_EXCHANGE.fullmatch(str(delivery.get("exchange") or "")):
-        return DELAY_PREFIX.sub("", routing_key, count=1)
+        return DELAY_PREFIX.sub("", routing_key, count=1).removesuffix("." + SENTINEL)
     return routing_key
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping
@@ -200,109 +201,206 @@ def publish_signature(app: Celery, signature: Signature, producer: Producer | No
 # -- pipelined confirms, in the worker's main process -------------------------------------------
 
 
+class _Pending:
+    """One submitted publish: the delivery tags it used (a task publish may also send Celery's
+    ``task-sent`` event), and what follows its confirm."""
+
+    __slots__ = ("done", "fallback", "nacked", "sealed", "since", "tags")
+
+    def __init__(self, done: Any, fallback: Any) -> None:
+        self.done, self.fallback = done, fallback
+        self.tags: set[int] = set()
+        self.nacked = False
+        self.sealed = False  # its publish has returned: no further tags
+        self.since = time.monotonic()
+
+
 class ConfirmPipeline:
     """The worker's main process's publishes that do not wait for their confirm (RabbitMQ).
 
     A confirmed publish waits for RabbitMQ to write the message to disk: about 2 ms, during
     which the main process does nothing else, so it settles at most ~500 failures a second. Here
     a publish (a retry, an envelope) goes out on a channel in confirm mode and the caller's
-    continuation (``done``: acknowledge the original, Celery's bookkeeping) runs when its
-    confirm arrives, read by the worker's event loop; meanwhile the next one is published.
+    continuation (``done``: acknowledge the original, Celery's bookkeeping) runs when every
+    message of it is confirmed, read by the worker's event loop; meanwhile the next one is
+    published. It is used only from the event loop's thread.
 
     Nothing is decided here that the synchronous path does not decide: a nack, a lost
-    connection, a publish that raises, and whatever is pending when the worker stops hand the
-    message to its ``fallback``, which publishes it again with a confirm it waits for, as
-    before (so a message whose confirm was lost with the connection may be published twice,
-    which the synchronous path's reconnect-and-retry does as well; none is lost).
+    connection, a confirm that does not come within :attr:`CONFIRM_TIMEOUT`, and whatever is
+    pending when the worker stops hand the message to its ``fallback``, which publishes it
+    again with a confirm it waits for, as before (so a message whose confirm was lost with the
+    connection may be published twice, which the synchronous path's reconnect-and-retry does as
+    well; none is lost). A publish that raises anything else goes to its own fallback alone.
     """
 
     #: How long the worker's stop waits for the confirms of what is pending.
     FLUSH_TIMEOUT = 10.0
+    #: A confirm that has not come in this long: the connection is taken for dead.
+    CONFIRM_TIMEOUT = 30.0
+    #: After the connection could not be opened, publish synchronously this long.
+    REOPEN_AFTER = 5.0
 
     def __init__(self, app: Celery, hub: Any) -> None:
         self.app = app
         self.hub = hub
+        self.thread = threading.get_ident()
         self._connection: Any = None
         self._producer: Any = None
         self._fd: int | None = None
         self._tag = 0
-        self._pending: dict[int, tuple[Any, Any]] = {}
+        self._by_tag: dict[int, _Pending] = {}
+        self._current: _Pending | None = None
         self._ready: list[Any] = []
         self._busy = False
+        self._down_until = 0.0
         self.closed = False
+        self._watchdog = (
+            hub.call_repeatedly(self.CONFIRM_TIMEOUT / 3, self._watch) if hub is not None else None
+        )
 
     def submit(self, publish: Any, done: Any, fallback: Any) -> None:
-        """Run ``publish(producer)``; then ``done()`` once RabbitMQ confirms it, or
-        ``fallback()`` if it cannot."""
-        if self.closed:
+        """Run ``publish(producer)``; then ``done()`` once RabbitMQ confirms all it published,
+        or ``fallback()`` if it cannot."""
+        if self.closed or time.monotonic() < self._down_until:
             fallback()
             return
+        pending = _Pending(done, fallback)
         self._busy = True
         try:
             producer = self._open()
-            channel = producer.channel
-            publish(producer)
-            if producer.channel is not channel:  # revived on a channel without confirms
-                raise ConnectionError("the confirming channel was replaced")
-            self._tag += 1
-            self._pending[self._tag] = (done, fallback)
-        except Exception:
-            logger.debug("resilient_tasks: pipelined publish failed; publishing it again and "
-                         "waiting for its confirm", exc_info=True)  # fmt: skip
-            self._broken()
+            self._current = pending
+            try:
+                publish(producer)
+            finally:
+                self._current = None
+            pending.sealed = True
+            if not pending.tags:  # nothing was published: nothing to confirm
+                raise RuntimeError("the publish sent no message")
+        except Exception as exc:
+            if self._is_connection_failure(exc):
+                logger.warning("resilient_tasks: the publishing connection failed; publishing "
+                               "what awaited its confirm again", exc_info=True)  # fmt: skip
+                self._broken()
+            else:
+                logger.debug("resilient_tasks: a pipelined publish failed; publishing it again "
+                             "and waiting for its confirm", exc_info=True)  # fmt: skip
+            self._forget(pending)
             self._ready.append(fallback)
         finally:
             self._busy = False
+        self._settle_if_confirmed(pending)
         self._run_ready()
+
+    def _is_connection_failure(self, exc: BaseException) -> bool:
+        connection = self._connection
+        if connection is None:
+            return True  # could not even open it
+        errors = (*connection.connection_errors, *connection.channel_errors, OSError)
+        return isinstance(exc, errors)
 
     def _open(self) -> Any:
         if self._producer is not None:
             return self._producer
-        # No heartbeats: the worker's event loop reads this connection only when it has data.
-        connection = self.app.connection_for_write(heartbeat=0)
-        connection.ensure_connection(max_retries=1)
-        channel = connection.channel()
-        channel.confirm_select()
+        # No heartbeats (the event loop reads this connection only when it has data; the
+        # watchdog catches a connection that went silent), and confirms read by the event
+        # loop rather than awaited in each publish, whatever the app's transport options say.
+        options = {**(self.app.conf.broker_transport_options or {}), "confirm_publish": False}
+        connection = self.app.connection_for_write(heartbeat=0, transport_options=options)
+        try:
+            connection.ensure_connection(max_retries=1)
+            channel = connection.channel()
+            channel.confirm_select()
+        except Exception:
+            self._down_until = time.monotonic() + self.REOPEN_AFTER
+            with suppress(Exception):
+                connection.collect()
+            raise
         channel.events["basic_ack"].add(self._on_ack)
         channel.events["basic_nack"].add(self._on_nack)
+        publish = channel.basic_publish
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self._count_one()
+            return publish(*args, **kwargs)
+
+        channel.basic_publish = counted
         raw = connection.connection
         raw.transport.raise_on_initial_eintr = True  # an empty read raises, as Kombu's loop does
         self._fd = raw.sock.fileno()
         self.hub.add_reader(self._fd, self._on_readable)
         self._connection = connection
         self._producer = Producer(channel)  # type: ignore[no-untyped-call]
-        self._producer._resilient_pipelined = True
         return self._producer
 
-    def _settle(self, tag: int, multiple: bool, which: int) -> None:
-        for pending in [t for t in self._pending if t == tag or (multiple and t < tag)]:
-            self._ready.append(self._pending.pop(pending)[which])
+    def _count_one(self) -> None:
+        """Each message published on the channel takes the next delivery tag: counted for the
+        submit that is publishing."""
+        self._tag += 1
+        if self._current is not None:
+            self._current.tags.add(self._tag)
+            self._by_tag[self._tag] = self._current
+
+    def _confirmed(self, tag: int, multiple: bool, nacked: bool) -> None:
+        tags = [t for t in self._by_tag if t <= tag] if multiple else [tag]
+        for confirmed in tags:
+            pending = self._by_tag.pop(confirmed, None)
+            if pending is None:
+                continue
+            pending.tags.discard(confirmed)
+            pending.nacked = pending.nacked or nacked
+            self._settle_if_confirmed(pending)
         if not self._busy:
             self._run_ready()
 
+    def _settle_if_confirmed(self, pending: _Pending) -> None:
+        if pending.sealed and not pending.tags and pending.done is not None:
+            self._ready.append(pending.fallback if pending.nacked else pending.done)
+            pending.done = None  # settled once
+
+    def _forget(self, pending: _Pending) -> None:
+        for tag in pending.tags:
+            self._by_tag.pop(tag, None)
+        pending.tags.clear()
+        pending.done = None
+
     def _on_ack(self, tag: int, multiple: bool = False) -> None:
-        self._settle(tag, multiple, 0)
+        self._confirmed(tag, multiple, nacked=False)
 
     def _on_nack(self, tag: int, multiple: bool = False) -> None:
         logger.warning("resilient_tasks: RabbitMQ refused a publish (nack); publishing it again")
-        self._settle(tag, multiple, 1)
+        self._confirmed(tag, multiple, nacked=True)
 
     def _on_readable(self) -> None:
+        self._busy = True  # the continuations run once the frames are read, not amid them
         try:
             for _ in range(1000):  # what has arrived; the loop calls again for the rest
                 self._connection.drain_events(timeout=0)
+            self.hub.call_soon(self._on_readable)
         except (TimeoutError, BlockingIOError, InterruptedError):
             pass
         except Exception:
             logger.warning("resilient_tasks: the publishing connection failed; publishing "
                            "what awaited its confirm again", exc_info=True)  # fmt: skip
             self._broken()
+        finally:
+            self._busy = False
         self._run_ready()
+
+    def _watch(self) -> None:
+        oldest = min((p.since for p in self._by_tag.values()), default=None)
+        if oldest is not None and time.monotonic() - oldest > self.CONFIRM_TIMEOUT:
+            logger.warning("resilient_tasks: no confirm from RabbitMQ for %.0f s; publishing "
+                           "what awaited it again", self.CONFIRM_TIMEOUT)  # fmt: skip
+            self._broken()
+            self._run_ready()
 
     def _broken(self) -> None:
         """Every pending publish to its fallback; a new connection for the next."""
-        self._ready.extend(fallback for _, fallback in self._pending.values())
-        self._pending.clear()
+        for pending in {id(p): p for p in self._by_tag.values()}.values():
+            if pending.done is not None:
+                self._ready.append(pending.fallback)
+            self._forget(pending)
+        self._by_tag.clear()
         if self._fd is not None:
             with suppress(Exception):
                 self.hub.remove_reader(self._fd)
@@ -325,14 +423,21 @@ class ConfirmPipeline:
         """Wait for the confirms still to come (at most :attr:`FLUSH_TIMEOUT`), hand the rest
         to their fallback, and publish synchronously from now on."""
         self.closed = True
+        if self._watchdog is not None:
+            with suppress(Exception):
+                self._watchdog.cancel()
         deadline = time.monotonic() + self.FLUSH_TIMEOUT
-        while self._pending and self._connection is not None and time.monotonic() < deadline:
+        while self._by_tag and self._connection is not None and time.monotonic() < deadline:
+            self._busy = True
             try:
                 self._connection.drain_events(timeout=max(0.01, deadline - time.monotonic()))
             except (TimeoutError, BlockingIOError, InterruptedError):
                 continue
             except Exception:
                 break
+            finally:
+                self._busy = False
+            self._run_ready()
         self._broken()
         self._run_ready()
 
@@ -341,10 +446,13 @@ _pipelines: weakref.WeakKeyDictionary[Celery, ConfirmPipeline] = weakref.WeakKey
 
 
 def pipeline_for(app: Celery) -> ConfirmPipeline | None:
-    """The app's pipeline in this worker's main process while its consumer runs; ``None``
-    elsewhere (a pool child, a tool, a worker stopping): publish and wait for the confirm."""
+    """The app's pipeline in this worker's main process while its consumer runs, called from
+    the event loop's thread; ``None`` elsewhere (a pool child, a thread of the threads pool, a
+    tool, a worker stopping): publish and wait for the confirm."""
     pipeline = _pipelines.get(app)
-    return None if pipeline is None or pipeline.closed else pipeline
+    if pipeline is None or pipeline.closed or pipeline.thread != threading.get_ident():
+        return None
+    return pipeline
 
 
 class ConfirmPipelineStep(bootsteps.StartStopStep):  # type: ignore[misc]

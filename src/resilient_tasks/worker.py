@@ -102,7 +102,11 @@ class ResilientRequest(Request):  # type: ignore[misc]
                            "(at-least-once dead-lettering); the copy is dropped",
                            self.name, self.id)  # fmt: skip
             self._resilient_arrival = None
-            state.task_ready(self)
+            # Forget this copy only: the first, with the same id, may still be running.
+            if state.requests.get(self.id) is self:
+                del state.requests[self.id]
+            state.reserved_requests.discard(self)
+            state.active_requests.discard(self)
             self.acknowledge()
             return True
         return bool(super().revoked())
@@ -146,6 +150,18 @@ class ResilientRequest(Request):  # type: ignore[misc]
         self._resilient_settled = True
         deadletter.dead_letter_then(self, exc, exc_info, reason, celery_on_failure)
         return None
+
+    def terminate(self, pool: Any, signal: Any = None) -> Any:
+        if self._resilient_settled:
+            # The pool process is done with this message, whose outcome is being settled (its
+            # publish awaiting a confirm): killing that process would kill another task.
+            return None
+        return super().terminate(pool, signal)
+
+    def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> Any:
+        if self._resilient_settled:
+            return None  # as in terminate
+        return super().cancel(pool, signal, emit_retry)
 
     def _succeeded_before(self) -> bool:
         stored = getattr(self, "_success_was_stored", None)  # Celery >= 5.6

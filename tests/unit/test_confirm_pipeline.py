@@ -4,6 +4,7 @@ with confirms still to come) falls back to publishing again and waiting for the 
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,7 +25,12 @@ class FakePipeline(ConfirmPipeline):
         if self._producer is None:
             self.opened += 1
             self._producer = SimpleNamespace(channel=object())
-            self._connection = SimpleNamespace(drain_events=self._nothing, collect=lambda: None)
+            self._connection = SimpleNamespace(
+                drain_events=self._nothing,
+                collect=lambda: None,
+                connection_errors=(ConnectionError,),
+                channel_errors=(),
+            )
         return self._producer
 
     @staticmethod
@@ -37,6 +43,7 @@ def submit(pipeline: ConfirmPipeline, name: str, log: list[str], fails: bool = F
         if fails:
             raise ConnectionResetError("connection reset by peer")
         pipeline.published.append(name)  # type: ignore[attr-defined]
+        pipeline._count_one()  # what the channel's basic_publish does for each message
 
     pipeline.submit(publish, lambda: log.append(f"{name} done"),
                     lambda: log.append(f"{name} again"))  # fmt: skip
@@ -65,7 +72,7 @@ def test_a_nacked_publish_is_published_again() -> None:
     assert log == ["a again", "b done"]
 
 
-def test_a_publish_that_raises_hands_everything_pending_to_the_fallback() -> None:
+def test_a_lost_connection_hands_everything_pending_to_the_fallback() -> None:
     pipeline, log = FakePipeline(), []
     submit(pipeline, "a", log)
 
@@ -75,6 +82,31 @@ def test_a_publish_that_raises_hands_everything_pending_to_the_fallback() -> Non
 
     assert log == ["a again", "b again", "c done"]
     assert pipeline.opened == 2  # a new connection, whose delivery tags start again
+
+
+def test_a_publish_that_fails_otherwise_goes_to_its_own_fallback_alone() -> None:
+    pipeline, log = FakePipeline(), []
+    submit(pipeline, "a", log)
+
+    pipeline.submit(lambda producer: json.dumps(object()), lambda: log.append("b done"),
+                    lambda: log.append("b again"))  # fmt: skip
+    pipeline._on_ack(1)
+
+    assert log == ["b again", "a done"]
+    assert pipeline.opened == 1
+
+
+def test_a_submit_that_publishes_two_messages_waits_for_both_confirms() -> None:
+    # A task publish also sends Celery's task-sent event when task_send_sent_event is on.
+    pipeline, log = FakePipeline(), []
+    pipeline.submit(lambda producer: (pipeline._count_one(), pipeline._count_one()),
+                    lambda: log.append("a done"), lambda: log.append("a again"))  # fmt: skip
+    submit(pipeline, "b", log)
+
+    pipeline._on_ack(1)
+    assert log == []
+    pipeline._on_ack(3, multiple=True)
+    assert log == ["a done", "b done"]
 
 
 def test_stopping_with_confirms_to_come_publishes_them_again_then_waits_for_each() -> None:
@@ -92,7 +124,7 @@ def test_a_continuation_that_raises_does_not_stop_the_others(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     pipeline, log = FakePipeline(), []
-    pipeline.submit(lambda producer: None, lambda: 1 / 0, lambda: None)
+    pipeline.submit(lambda producer: pipeline._count_one(), lambda: 1 / 0, lambda: None)
     submit(pipeline, "b", log)
 
     pipeline._on_ack(2, multiple=True)

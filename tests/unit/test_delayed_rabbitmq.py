@@ -3,6 +3,7 @@ a delayed message into the one queue it is for."""
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -83,9 +84,26 @@ def test_a_prefixed_topology_keeps_kombus_prefixed_names() -> None:
 def test_the_routing_key_is_the_delay_in_binary_then_the_queue() -> None:
     key = routing_key(5, "billing.high")
 
-    assert key == "0." * 25 + "1.0.1.billing.high"
-    # Celery's own parser of the topology's keys takes the queue back out.
-    assert native.calculate_routing_key(7, key).endswith(".1.1.1.billing.high")
+    assert key == "0." * 25 + "1.0.1.billing.high.resilient_tasks"
+
+
+def test_celerys_suffix_bindings_match_no_library_key_and_no_library_binding() -> None:
+    # Celery binds the shared delivery exchange with "#.<routing key>": a topic match.
+    def matches(pattern: str, key: str) -> bool:
+        return (
+            re.fullmatch(
+                pattern.replace(".", r"\.").replace("*", r"[^.]+").replace(r"#\.", r"(?:.+\.)?"),
+                key,
+            )
+            is not None
+        )
+
+    ours = routing_key(5, "bulk.emails")
+    celerys = native.calculate_routing_key(5, "bulk.emails")
+
+    assert matches("#.bulk.emails", celerys)  # (the helper works)
+    assert not matches("#.emails", ours)
+    assert not matches("*." * 28 + "emails.resilient_tasks", celerys)
 
 
 @pytest.mark.parametrize(("delay", "seconds"), [(0.001, 1), (1.0, 1), (1.2, 2), (59.9999, 60)])
@@ -113,12 +131,15 @@ def test_the_destination_is_the_queue_celery_declares_with_the_publish() -> None
     assert destination(app, "tasks", "emails", []).name == "emails"  # a retry: from the route
 
 
-def test_no_destination_when_the_route_reaches_no_known_queue_or_several() -> None:
-    fanout = Exchange("broadcast", "fanout")
-    app = app_with(Queue("a", fanout), Queue("b", fanout))
+def test_no_destination_when_the_route_reaches_no_known_queue_or_may_copy_it() -> None:
+    # A fanout or topic exchange may copy a message to several queues: the worker holds it,
+    # as Celery does, so that every copy is made.
+    fanout, topic = Exchange("broadcast", "fanout"), Exchange("events", "topic")
+    app = app_with(Queue("a", fanout), Queue("b", fanout), Queue("c", topic, routing_key="c"))
 
     assert destination(app, "tasks", "nowhere", []) is None
     assert destination(app, "broadcast", "", []) is None
+    assert destination(app, "events", "c", []) is None
     assert destination(app, "", "billing", []).name == "billing"  # the default exchange
 
 

@@ -22,6 +22,7 @@ import logging
 import math
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
@@ -274,53 +275,78 @@ class _Delaying:
     def _prepared(self, topology: Topology, queue: Queue, options: Mapping[str, Any]) -> bool:
         """Declare the topology and bind ``queue``, once per connection: Kombu's own cache of
         what a connection declared (``declared_entities``), emptied when it reconnects, so a
-        broker that lost them (reset, or the topology deleted) gets them again. On a channel of
-        their own: a refusal closes that one, not the producer's. False if RabbitMQ refused
-        them (remembered for the connection)."""
+        broker that lost them (reset, or the topology deleted) gets them again. Each on a
+        channel of its own: a refusal closes that one, not the producer's. False if RabbitMQ
+        refused the topology (remembered by the process for a while) or the binding."""
         from .delayed import _warn_once
 
         connection = self._producer.connection
         declared = connection.declared_entities
         levels = ("resilient_tasks.delay_topology", topology.prefix, topology.queue_type)
         bound = ("resilient_tasks.delay_binding", topology.prefix, queue.name)
-        refused = ("resilient_tasks.delay_refused", topology.prefix, topology.queue_type)
-        if refused in declared:
+        refusal = (connection.as_uri(), topology.prefix, topology.queue_type)
+        if time.monotonic() < _refused.get(refusal, 0.0):
             return False
         if levels in declared and bound in declared:
             return True
 
-        def prepare() -> None:
-            channel = connection.channel()
+        def prepare() -> str | None:
+            """What RabbitMQ refused, if anything."""
+            if levels not in declared:
+                try:
+                    _on_a_channel(connection, topology.declare)
+                except ChannelError as exc:
+                    _refused[refusal] = time.monotonic() + REFUSAL_REMEMBERED
+                    _warn_once(
+                        f"resilient_tasks: RabbitMQ refused the delay queues ({exc}); the "
+                        "worker holds delayed messages, as Celery does. Declared by hand or "
+                        "by another version with other arguments? Set "
+                        f"{QUEUE_TYPE_SETTING} to their queue type, or {PREFIX_SETTING} to "
+                        "give this app its own"
+                    )
+                    return "the delay queues"
+                declared.add(levels)
+            if not getattr(queue, "no_declare", False):
+                # A queue that exists with other arguments is there all the same: bound below.
+                with suppress(ChannelError):
+                    _on_a_channel(connection, lambda channel: _declare(queue, channel))
             try:
-                if levels not in declared:
-                    topology.declare(channel)
-                    declared.add(levels)
-                if not getattr(queue, "no_declare", False):
-                    maybe_declare(queue, channel)  # type: ignore[no-untyped-call]
-                topology.bind(channel, queue.name)
-                declared.add(bound)
-            finally:
-                with suppress(Exception):
-                    channel.close()
+                _on_a_channel(connection, lambda channel: topology.bind(channel, queue.name))
+            except ChannelError as exc:
+                _warn_once(
+                    f"resilient_tasks: RabbitMQ refused to bind {queue.name!r} to the delay "
+                    f"queues ({exc}); the worker holds its delayed messages"
+                )
+                return "the binding"
+            declared.add(bound)
+            return None
 
-        try:
-            if options.get("retry"):
-                policy = options.get("retry_policy") or {}
-                connection.ensure(self._producer, prepare, **policy)()
-            else:
-                prepare()
-        except ChannelError as exc:
-            # Declared before with other arguments, or an argument this RabbitMQ does not
-            # know: the worker holds delayed messages instead, as Celery does.
-            declared.add(refused)
-            _warn_once(
-                f"resilient_tasks: RabbitMQ refused the delay queues ({exc}); the worker "
-                "holds delayed messages, as Celery does. Declared by hand or by another "
-                f"version with other arguments? Set {QUEUE_TYPE_SETTING} to their queue type, "
-                f"or {PREFIX_SETTING} to give this app its own"
-            )
-            return False
-        return True
+        if options.get("retry"):
+            policy = options.get("retry_policy") or {}
+            refused = connection.ensure(self._producer, prepare, **policy)()
+        else:
+            refused = prepare()
+        return refused is None
+
+
+#: How long a process publishes delayed messages as Celery does after RabbitMQ refused its
+#: delay queues, before it tries them again.
+REFUSAL_REMEMBERED = 300.0
+_refused: dict[tuple[Any, ...], float] = {}
+
+
+def _declare(queue: Queue, channel: Any) -> None:
+    maybe_declare(queue, channel)  # type: ignore[no-untyped-call]
+
+
+def _on_a_channel(connection: Any, declare: Any) -> None:
+    """``declare(channel)`` on a new channel of ``connection``, closed after."""
+    channel = connection.channel()
+    try:
+        declare(channel)
+    finally:
+        with suppress(Exception):
+            channel.close()
 
 
 def _is_route(route: Any) -> bool:

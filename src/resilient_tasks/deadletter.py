@@ -233,6 +233,7 @@ def dead_letter_then(
         lambda producer: publish_envelope(app, queue, envelope, source, producer=producer),
         confirmed,
         synchronously,
+        comes_back=bool(request.task.acks_late),
     )
 
 

@@ -23,6 +23,7 @@ from amqp.exceptions import PreconditionFailed
 from celery import Celery, Signature, bootsteps
 from kombu.connection import ConnectionPool
 from kombu.entity import Queue
+from kombu.exceptions import OperationalError
 from kombu.messaging import Producer
 from kombu.pools import ProducerPool
 
@@ -205,10 +206,10 @@ class _Pending:
     """One submitted publish: the delivery tags it used (a task publish may also send Celery's
     ``task-sent`` event), and what follows its confirm."""
 
-    __slots__ = ("done", "fallback", "nacked", "sealed", "since", "tags")
+    __slots__ = ("comes_back", "done", "fallback", "nacked", "sealed", "since", "tags")
 
-    def __init__(self, done: Any, fallback: Any) -> None:
-        self.done, self.fallback = done, fallback
+    def __init__(self, done: Any, fallback: Any, comes_back: bool) -> None:
+        self.done, self.fallback, self.comes_back = done, fallback, comes_back
         self.tags: set[int] = set()
         self.nacked = False
         self.sealed = False  # its publish has returned: no further tags
@@ -252,19 +253,23 @@ class ConfirmPipeline:
         self._current: _Pending | None = None
         self._ready: list[Any] = []
         self._busy = False
+        # Set when the channel may have lost count of its delivery tags (py-amqp reopened it,
+        # without confirms, or a publish failed inside): the connection is replaced.
+        self._suspect = False
         self._down_until = 0.0
         self.closed = False
         self._watchdog = (
             hub.call_repeatedly(self.CONFIRM_TIMEOUT / 3, self._watch) if hub is not None else None
         )
 
-    def submit(self, publish: Any, done: Any, fallback: Any) -> None:
+    def submit(self, publish: Any, done: Any, fallback: Any, comes_back: bool = True) -> None:
         """Run ``publish(producer)``; then ``done()`` once RabbitMQ confirms all it published,
-        or ``fallback()`` if it cannot."""
+        or ``fallback()`` if it cannot. ``comes_back``: the original message returns to its
+        queue if the worker's consumer connection is lost (``acks_late``)."""
         if self.closed or time.monotonic() < self._down_until:
             fallback()
             return
-        pending = _Pending(done, fallback)
+        pending = _Pending(done, fallback, comes_back)
         self._busy = True
         try:
             producer = self._open()
@@ -274,29 +279,37 @@ class ConfirmPipeline:
             finally:
                 self._current = None
             pending.sealed = True
+            if self._suspect:
+                raise ConnectionError("the confirming channel was reopened or failed mid-publish")
             if not pending.tags:  # nothing was published: nothing to confirm
                 raise RuntimeError("the publish sent no message")
         except Exception as exc:
-            if self._is_connection_failure(exc):
+            self._forget(pending)  # before _broken: its fallback is queued here, once
+            if self._suspect or self._is_connection_failure(exc):
                 logger.warning("resilient_tasks: the publishing connection failed; publishing "
                                "what awaited its confirm again", exc_info=True)  # fmt: skip
                 self._broken()
             else:
                 logger.debug("resilient_tasks: a pipelined publish failed; publishing it again "
                              "and waiting for its confirm", exc_info=True)  # fmt: skip
-            self._forget(pending)
             self._ready.append(fallback)
         finally:
             self._busy = False
         self._settle_if_confirmed(pending)
+        if self._by_tag and self.hub is not None:
+            # Acks a read of another kind pulled in (a TLS record holds several frames) would
+            # not wake the loop: look once more.
+            self.hub.call_soon(self._on_readable)
         self._run_ready()
 
     def _is_connection_failure(self, exc: BaseException) -> bool:
         connection = self._connection
         if connection is None:
             return True  # could not even open it
-        errors = (*connection.connection_errors, *connection.channel_errors, OSError)
-        return isinstance(exc, errors)
+        # Celery wraps a publish's connection errors in Kombu's OperationalError.
+        errors = (*connection.connection_errors, *connection.channel_errors, OSError,
+                  OperationalError)  # fmt: skip
+        return isinstance(exc, errors) or isinstance(exc.__cause__, errors)
 
     def _open(self) -> Any:
         if self._producer is not None:
@@ -321,9 +334,20 @@ class ConfirmPipeline:
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             self._count_one()
-            return publish(*args, **kwargs)
+            try:
+                return publish(*args, **kwargs)
+            except BaseException:
+                self._suspect = True
+                raise
+
+        revive = channel._do_revive
+
+        def revived(*args: Any, **kwargs: Any) -> Any:
+            self._suspect = True  # py-amqp reopens a channel a broker closed: without confirms
+            return revive(*args, **kwargs)
 
         channel.basic_publish = counted
+        channel._do_revive = revived
         raw = connection.connection
         raw.transport.raise_on_initial_eintr = True  # an empty read raises, as Kombu's loop does
         self._fd = raw.sock.fileno()
@@ -371,13 +395,18 @@ class ConfirmPipeline:
         self._confirmed(tag, multiple, nacked=True)
 
     def _on_readable(self) -> None:
+        if self._connection is None:  # scheduled before the connection was dropped
+            return
         self._busy = True  # the continuations run once the frames are read, not amid them
         try:
-            for _ in range(1000):  # what has arrived; the loop calls again for the rest
-                self._connection.drain_events(timeout=0)
-            self.hub.call_soon(self._on_readable)
-        except (TimeoutError, BlockingIOError, InterruptedError):
-            pass
+            try:
+                for _ in range(1000):  # what has arrived; the loop calls again for the rest
+                    self._connection.drain_events(timeout=0)
+                self.hub.call_soon(self._on_readable)
+            except (TimeoutError, BlockingIOError, InterruptedError):
+                pass
+            if self._suspect:
+                raise ConnectionError("the confirming channel was reopened")
         except Exception:
             logger.warning("resilient_tasks: the publishing connection failed; publishing "
                            "what awaited its confirm again", exc_info=True)  # fmt: skip
@@ -410,6 +439,7 @@ class ConfirmPipeline:
                 self._connection.collect()
         self._connection = self._producer = None
         self._tag = 0  # a new channel counts its delivery tags from 1
+        self._suspect = False
 
     def _run_ready(self) -> None:
         while self._ready:
@@ -419,14 +449,17 @@ class ConfirmPipeline:
             except Exception:
                 logger.exception("resilient_tasks: settling a message after its publish failed")
 
-    def close(self) -> None:
+    def close(self, consumer_lost: bool = False) -> None:
         """Wait for the confirms still to come (at most :attr:`FLUSH_TIMEOUT`), hand the rest
-        to their fallback, and publish synchronously from now on."""
+        to their fallback, and publish synchronously from now on. With ``consumer_lost`` (the
+        consumer's connection is gone: nothing can be acknowledged), wait for none: an original
+        that comes back to its queue is left to come back (its continuation runs, its publish
+        is not made again); only the others are published again."""
         self.closed = True
         if self._watchdog is not None:
             with suppress(Exception):
                 self._watchdog.cancel()
-        deadline = time.monotonic() + self.FLUSH_TIMEOUT
+        deadline = time.monotonic() + (0 if consumer_lost else self.FLUSH_TIMEOUT)
         while self._by_tag and self._connection is not None and time.monotonic() < deadline:
             self._busy = True
             try:
@@ -438,6 +471,13 @@ class ConfirmPipeline:
             finally:
                 self._busy = False
             self._run_ready()
+        if consumer_lost:
+            for pending in {id(p): p for p in self._by_tag.values()}.values():
+                if pending.comes_back and pending.done is not None:
+                    # Its original is redelivered and runs again: not published a second
+                    # time, only settled here (Celery's acknowledgement fails, and logs it).
+                    self._ready.append(pending.done)
+                    self._forget(pending)
         self._broken()
         self._run_ready()
 
@@ -471,6 +511,9 @@ class ConfirmPipelineStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def stop(self, parent: Any) -> None:
         pipeline = _pipelines.pop(parent.app, None)
         if pipeline is not None:
-            pipeline.close()
+            # A consumer restarted after its connection failed has none (Celery >= 5.6), or a
+            # closed one: what it had unacknowledged comes back.
+            connection = parent.connection
+            pipeline.close(consumer_lost=connection is None or not connection.connected)
 
     shutdown = stop

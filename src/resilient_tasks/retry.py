@@ -436,11 +436,13 @@ def publish_retry_then(request: Any, retry: HandedOverRetry, then: Any) -> None:
         synchronously()
         return
     app = request.task.app
-    signature = Signature.from_dict(dict(retry.sig), app=app)
     pipeline.submit(
-        lambda producer: publish_signature(app, signature, producer=producer),
+        lambda producer: publish_signature(
+            app, Signature.from_dict(dict(retry.sig), app=app), producer=producer
+        ),
         then,
         synchronously,
+        comes_back=bool(request.task.acks_late),
     )
 
 

@@ -131,3 +131,44 @@ def test_a_continuation_that_raises_does_not_stop_the_others(
 
     assert log == ["b done"]
     assert "ZeroDivisionError" in caplog.text
+
+
+def test_a_publish_cut_after_its_message_was_counted_falls_back_once() -> None:
+    pipeline, log = FakePipeline(), []
+
+    def cut(producer: Any) -> None:
+        pipeline._count_one()  # the message took a delivery tag, then the connection went
+        raise ConnectionResetError("connection reset by peer")
+
+    pipeline.submit(cut, lambda: log.append("a done"), lambda: log.append("a again"))
+
+    assert log == ["a again"]
+
+
+def test_a_channel_reopened_without_confirms_replaces_the_connection() -> None:
+    pipeline, log = FakePipeline(), []
+    submit(pipeline, "a", log)
+
+    def reopened(producer: Any) -> None:
+        pipeline._count_one()
+        pipeline._suspect = True  # what py-amqp's reopening of a closed channel sets
+
+    pipeline.submit(reopened, lambda: log.append("b done"), lambda: log.append("b again"))
+
+    assert sorted(log) == ["a again", "b again"]
+    assert pipeline.opened == 1
+    submit(pipeline, "c", log)
+    assert pipeline.opened == 2
+
+
+def test_a_lost_consumer_settles_what_comes_back_and_publishes_the_rest_again() -> None:
+    # acks_late: the original returns to its queue and runs again; publishing its retry or
+    # envelope a second time would double it. acks_late off: it was acknowledged already.
+    pipeline, log = FakePipeline(), []
+    submit(pipeline, "late", log)
+    pipeline.submit(lambda producer: pipeline._count_one(), lambda: log.append("early done"),
+                    lambda: log.append("early again"), comes_back=False)  # fmt: skip
+
+    pipeline.close(consumer_lost=True)
+
+    assert sorted(log) == ["early again", "late done"]

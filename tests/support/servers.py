@@ -93,6 +93,18 @@ def persistent_redis(folder: Path) -> Iterator[PrivateServer]:
         stop("nosave")
 
 
+def _processes_of(node: str) -> set[int]:
+    """The processes whose environment names the RabbitMQ node ``node``."""
+    marker = f"RABBITMQ_NODENAME={node}".encode()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with suppress(OSError):
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.add(int(entry.name))
+    return found
+
+
 @contextmanager
 def private_rabbitmq() -> Iterator[PrivateServer]:
     """A RabbitMQ node of its own (no plugins), its data in a new folder under the system's
@@ -131,13 +143,20 @@ def private_rabbitmq() -> Iterator[PrivateServer]:
         process.append(node)
 
     def stop() -> None:
+        # The start script starts the node in a session of its own (it switches to its
+        # user): find the node's processes by the name in their environment.
         running = process.pop()
-        with suppress(ProcessLookupError):
-            os.killpg(running.pid, signal.SIGTERM)  # a clean stop: what is durable is kept
-        try:
-            running.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(running.pid, signal.SIGKILL)
+        ours = _processes_of(node) | {running.pid}
+        for pid in ours:
+            with suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)  # a clean stop: what is durable is kept
+        deadline = time.monotonic() + 60
+        while (alive := _processes_of(node)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in alive:
+            with suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with suppress(subprocess.TimeoutExpired):
             running.wait(10)
 
     server = PrivateServer(f"amqp://guest:guest@127.0.0.1:{port}//", start, stop)

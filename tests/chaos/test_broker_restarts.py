@@ -58,6 +58,7 @@ from chaos.accounting import (
 )
 from support.brokers import REDIS_URL, Broker
 from support.servers import persistent_redis as private_persistent_redis
+from support.servers import wait_until_up
 from support.worker import WorkerRunner, running
 
 APP = "apps.chaos_app"
@@ -82,19 +83,6 @@ REDIS_VISIBILITY = 10
 
 def run(*command: str) -> None:
     subprocess.run(command, check=True, capture_output=True, timeout=120)
-
-
-def wait_until_up(url: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with Connection(url, connect_timeout=2) as conn:
-                conn.ensure_connection(max_retries=1, timeout=2)
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def once_a_third_is_settled(ledger: Ledger, disrupt: Callable[[], None]) -> Callable[[], None]:

@@ -99,7 +99,11 @@ def test_a_worker_killed_while_retries_wait_loses_none_and_runs_none_early(
         lambda: len([a for a in worker.attempts() if a["retries"] == 0]) == 50,
         what="the 50 first attempts",
     )
-    worker.wait_for(lambda: waiting(worker) == 50, what="the 50 retries on Redis")
+    worker.wait_for(lambda: waiting(worker) == 50, what="the 50 retries on the broker")
+    # Each original is acknowledged once its retry is confirmed, a round trip after the retry
+    # reaches the broker: a kill inside that window runs the original again (at least once).
+    # Here every retry waits and every original is settled.
+    time.sleep(1.0)
 
     workers.stop(worker, signal.SIGKILL, timeout=0)
     workers.start(APP, queues=[worker.queue])

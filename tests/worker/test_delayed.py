@@ -42,6 +42,13 @@ def publish(worker: Worker, name: str, *args: Any, **options: Any) -> Any:
     return task.apply_async((*args, str(worker.log)), **options)
 
 
+def settled(worker: Worker) -> bool:
+    """Whether the worker has nothing in hand: no task active, reserved or scheduled."""
+    inspect = worker.client.control.inspect(timeout=2)
+    replies = [inspect.active(), inspect.reserved(), inspect.scheduled()]
+    return all(r is not None and not any(r.values()) for r in replies)
+
+
 def waiting(worker: Worker) -> int:
     """The test's delayed messages on the broker: on Redis those for its queue; on RabbitMQ
     every one in the test's own delay topology (RabbitMQ counts per delay queue only)."""
@@ -93,7 +100,7 @@ def test_delayed_messages_wait_on_the_broker_and_new_work_is_not_held_up(
 def test_a_worker_killed_while_retries_wait_loses_none_and_runs_none_early(
     workers: WorkerRunner,
 ) -> None:
-    worker = workers.start(APP)
+    worker = workers.start(APP, settings={"worker_enable_remote_control": True})
     results = [publish(worker, "delayed.later", 6.0) for _ in range(50)]
     worker.wait_for(
         lambda: len([a for a in worker.attempts() if a["retries"] == 0]) == 50,
@@ -101,9 +108,10 @@ def test_a_worker_killed_while_retries_wait_loses_none_and_runs_none_early(
     )
     worker.wait_for(lambda: waiting(worker) == 50, what="the 50 retries on the broker")
     # Each original is acknowledged once its retry is confirmed, a round trip after the retry
-    # reaches the broker: a kill inside that window runs the original again (at least once).
-    # Here every retry waits and every original is settled.
-    time.sleep(1.0)
+    # reaches the broker (longer on a loaded broker): a kill inside that window runs the
+    # original again (at least once). Here every retry waits and every original is settled:
+    # the worker has no task left in hand.
+    worker.wait_for(lambda: settled(worker), what="every original settled")
 
     workers.stop(worker, signal.SIGKILL, timeout=0)
     workers.start(APP, queues=[worker.queue])

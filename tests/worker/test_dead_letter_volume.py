@@ -85,7 +85,7 @@ def test_a_warm_shutdown_mid_burst_dead_letters_each_failure_once(
         what="the first 60 dead letters",
     )
 
-    workers.stop(worker, signal.SIGTERM)
+    workers.stop(worker, signal.SIGTERM, timeout=120)  # a warm shutdown drains what it holds
     assert worker.process.returncode == 0  # a warm shutdown, not killed
     workers.start(APP, queues=[worker.queue])
     found += worker.dead_letters(400 - len(found), timeout=120)

@@ -206,6 +206,7 @@ def main_rss_mib(worker: Worker) -> float:
 
 
 @BOTH
+@pytest.mark.timeout(400)  # 3,000 tasks through a worker: about a minute alone, more in CI
 def test_a_storm_of_retries_waits_on_the_broker_and_new_work_starts_at_once(
     workers: WorkerRunner,
 ) -> None:
@@ -242,9 +243,11 @@ def test_retries_waiting_on_a_broker_that_restarts_are_none_lost(kind: str, tmp_
     with server as broker_server:
         broker = broker_at(kind, broker_server.url)
         with contextmanager(running)(broker, tmp_path) as workers:
-            worker = workers.start(APP)
+            worker = workers.start(APP, settings={"worker_enable_remote_control": True})
             results = [publish(worker, "delayed.later", 10.0) for _ in range(30)]
             worker.wait_for(lambda: waiting(worker) == 30, what="30 retries on the broker")
+            # Every original settled (see the SIGKILL test): the retries are what waits.
+            worker.wait_for(lambda: settled(worker), what="every original settled")
 
             broker_server.restart()
 

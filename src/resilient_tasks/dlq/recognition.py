@@ -8,10 +8,10 @@ holds one.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from resilient_tasks._delayed_rabbitmq import TOPOLOGY_EXCHANGE
 from resilient_tasks.envelope import broker_dead_letter_envelope, is_envelope
 
 from .model import DeadLetter, _json_body
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 # Queues a delayed message waits in until it is due, and dies in ("expired") on its way to the
 # queue it is meant for: Celery's and Kombu's native delayed delivery. A task message whose last
 # death was there is a live task on its way, not a dead letter.
-_DELAY_QUEUES = re.compile(r"(?:.+_)?celery_delayed_(?:\d+|delivery)")
 
 
 def _letter(queue: str, message: _Message, patterns: tuple[str, ...]) -> DeadLetter | None:
@@ -54,7 +53,7 @@ def _last_death(message: _Message) -> Mapping[str, Any] | None:
         return None
     death = deaths[0]
     delayed = death.get("reason") == "expired" and any(
-        isinstance(name, str) and _DELAY_QUEUES.fullmatch(name)
+        isinstance(name, str) and TOPOLOGY_EXCHANGE.fullmatch(name)
         for name in (death.get("queue"), death.get("exchange"))
     )
     return None if delayed else death

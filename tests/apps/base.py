@@ -49,6 +49,7 @@ def record(task: Task, log: str, **extra: Any) -> None:
         "root_id": request.root_id,
         "parent_id": request.parent_id,
         "eta": request.eta,
+        "redelivered": delivery.get("redelivered"),
     }
     append(log, **line, **extra)
 

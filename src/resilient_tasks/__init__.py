@@ -13,6 +13,8 @@ story of every attempt::
 from __future__ import annotations
 
 from . import _einfo  # noqa: F401 (connects the receivers that keep failures light)
+from .breaker import CircuitBreaker, CircuitBreakerMixin
+from .budget import RetryBudget
 from .classify import TRANSIENT_ERRORS
 from .deadletter import DeadLetterMixin
 from .delayed import DelayedDeliveryMixin
@@ -26,6 +28,8 @@ from .timelimit import TimeLimitMixin
 
 __all__ = [
     "TRANSIENT_ERRORS",
+    "CircuitBreaker",
+    "CircuitBreakerMixin",
     "ConfigurationError",
     "DeadLetterMixin",
     "DelayedDeliveryMixin",
@@ -35,6 +39,7 @@ __all__ = [
     "Permanent",
     "ResilientTask",
     "RetryAfter",
+    "RetryBudget",
     "RetryMixin",
     "RetryPolicy",
     "TimeLimitMixin",

@@ -50,6 +50,7 @@ Reason: TypeAlias = Literal[
     "soft_time_limit",
     "hard_time_limit",
     "worker_lost",
+    "retry_budget_exhausted",
 ]
 
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from tenacity import Future, RetryCallState, Retrying
 from tenacity.wait import wait_fixed, wait_random_exponential
@@ -33,6 +33,9 @@ from .decide import (
 )
 from .exceptions import ConfigurationError
 from .history import Attempt, History
+
+if TYPE_CHECKING:
+    from .budget import RetryBudget
 
 __all__ = [
     "DEFAULT_BACKOFF",
@@ -61,7 +64,9 @@ DEFAULT_BACKOFF: Wait = wait_random_exponential(multiplier=1, max=600)
 _RETRYING = Retrying()  # tenacity's call state wants an owner; it is never run.
 
 
-def _normalise_matchers(option: str, value: object) -> tuple[Matcher, ...]:
+def _normalise_matchers(
+    option: str, value: object, owner: str = "RetryPolicy"
+) -> tuple[Matcher, ...]:
     items: tuple[object, ...]
     if isinstance(value, type | BaseException) or callable(value):
         items = (value,)
@@ -69,7 +74,7 @@ def _normalise_matchers(option: str, value: object) -> tuple[Matcher, ...]:
         items = tuple(value)
     else:
         raise ConfigurationError(
-            f"RetryPolicy: {option} must be exception types and/or predicates "
+            f"{owner}: {option} must be exception types and/or predicates "
             f"(callables taking the exception, returning bool); got {value!r}"
         )
     result: list[Matcher] = []
@@ -77,35 +82,39 @@ def _normalise_matchers(option: str, value: object) -> tuple[Matcher, ...]:
         if isinstance(item, type):
             if not issubclass(item, BaseException):
                 raise ConfigurationError(
-                    f"RetryPolicy: {option} holds {item.__qualname__}, which is not an exception "
+                    f"{owner}: {option} holds {item.__qualname__}, which is not an exception "
                     f"type; list exception classes such as ConnectionError, or predicates"
                 )
             result.append(item)
         elif callable(item):
-            _check_takes_an_exception(option, item)
+            _check_takes_an_exception(option, item, owner)
             result.append(item)
         else:
             raise ConfigurationError(
-                f"RetryPolicy: {option} holds {item!r}, which is neither an exception type nor a "
+                f"{owner}: {option} holds {item!r}, which is neither an exception type nor a "
                 f"predicate; write the class itself (ConnectionError), not its name or an instance"
             )
     return tuple(result)
 
 
-def _check_takes_an_exception(option: str, predicate: Callable[..., object]) -> None:
+def _check_takes_an_exception(
+    option: str, predicate: Callable[..., object], owner: str = "RetryPolicy"
+) -> None:
     """A predicate is called with the exception: refuse one that cannot take it, now."""
     try:
         inspect.signature(predicate).bind(BaseException())
     except TypeError:
         raise ConfigurationError(
-            f"RetryPolicy: {option} holds {predicate!r}, a callable that cannot be called with "
+            f"{owner}: {option} holds {predicate!r}, a callable that cannot be called with "
             "the exception; a predicate takes one argument: lambda exc: ..."
         ) from None
     except ValueError:  # no signature to inspect (some builtins): trust it
         pass
 
 
-def _normalise_seconds(option: str, value: object, *, allow_none: bool) -> float | None:
+def _normalise_seconds(
+    option: str, value: object, *, allow_none: bool, owner: str = "RetryPolicy"
+) -> float | None:
     if value is None and allow_none:
         return None
     try:
@@ -113,7 +122,7 @@ def _normalise_seconds(option: str, value: object, *, allow_none: bool) -> float
     except TypeError:
         none = " or None for no cap" if allow_none else ""
         raise ConfigurationError(
-            f"RetryPolicy: {option} must be a number of seconds or a timedelta{none}; got {value!r}"
+            f"{owner}: {option} must be a number of seconds or a timedelta{none}; got {value!r}"
         ) from None
 
 
@@ -157,6 +166,9 @@ class RetryPolicy:
             retries at once. The default is :data:`DEFAULT_BACKOFF`: exponential with full
             jitter, capped, the delay after attempt ``n`` fails being
             ``uniform(0, min(600, 2 ** (n - 1)))`` seconds.
+        budget: a :class:`~resilient_tasks.RetryBudget` shared with other tasks (or workers),
+            or ``None``: a retry this policy decides while the budget is spent is not made,
+            and the task is dead-lettered with reason ``retry_budget_exhausted``.
 
     The wait strategy sees a tenacity ``RetryCallState`` whose ``attempt_number`` is the attempt
     that just failed (1 for the first), whose ``outcome`` holds its exception, whose
@@ -183,6 +195,7 @@ class RetryPolicy:
     max_attempts: int | None
     max_elapsed: float | None
     backoff: Wait
+    budget: RetryBudget | None
 
     def __init__(
         self,
@@ -191,7 +204,15 @@ class RetryPolicy:
         max_attempts: int | None = 5,
         max_elapsed: float | timedelta | None = None,
         backoff: object = DEFAULT_BACKOFF,
+        budget: RetryBudget | None = None,
     ) -> None:
+        from .budget import RetryBudget
+
+        if budget is not None and not isinstance(budget, RetryBudget):
+            raise ConfigurationError(
+                "RetryPolicy: budget must be a resilient_tasks.RetryBudget(...), or None for "
+                f"no budget; got {budget!r}"
+            )
         if max_attempts is not None and (
             isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
         ):
@@ -210,6 +231,7 @@ class RetryPolicy:
         object.__setattr__(self, "max_attempts", max_attempts)
         object.__setattr__(self, "max_elapsed", elapsed)
         object.__setattr__(self, "backoff", _normalise_backoff(backoff))
+        object.__setattr__(self, "budget", budget)
 
     def replace(self, **changes: Any) -> RetryPolicy:
         """A new policy with ``changes`` applied, validated like a new one.
@@ -225,6 +247,7 @@ class RetryPolicy:
             "max_attempts": self.max_attempts,
             "max_elapsed": self.max_elapsed,
             "backoff": self.backoff,
+            "budget": self.budget,
         }
         unknown = set(changes) - set(fields)
         if unknown:

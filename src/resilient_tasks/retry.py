@@ -35,7 +35,7 @@ from celery.exceptions import Reject, Retry
 from celery.utils.imports import symbol_by_name
 from celery.worker.state import task_ready
 
-from . import _events, _reason, deadletter
+from . import _events, _reason, budget, deadletter
 from ._steps import HANDED_OVER, StepsMixin, attempt_started
 from .classify import TRANSIENT_ERRORS
 from .decide import AttemptState, GiveUp, Reason, RetryIn, decide_for
@@ -196,10 +196,24 @@ class RetryMixin(StepsMixin):
         cls.max_retries = None if policy.max_attempts is None else policy.max_attempts - 1
         setattr(cls, _DERIVED, True)
 
+    def _step_before(self, request: Any) -> Any:
+        policy = self.retry_policy
+        if policy is not None and policy.budget is not None and not request.retries:
+            budget.count_first_attempt(self, policy.budget)
+        return super()._step_before(request)
+
     def _step_settle(self, exc: Exception) -> None:
         decision = decide_for(self, self._attempt_state(exc))
         if isinstance(decision, RetryIn):
-            raise self.retry(exc=exc, countdown=decision.delay) from exc
+            policy = self.retry_policy
+            if (
+                policy is None
+                or policy.budget is None
+                or budget.spend(self, policy.budget, self.request, exc)
+            ):
+                raise self.retry(exc=exc, countdown=decision.delay) from exc
+            _reason.mark(exc, "retry_budget_exhausted")
+            return
         _reason.mark(exc, decision.reason)
 
     def retry(

@@ -6,6 +6,7 @@ from typing import Any
 
 from celery import Task
 
+from .breaker import CircuitBreakerMixin
 from .deadletter import DeadLetterMixin
 from .delayed import DelayedDeliveryMixin
 from .hooks import FailureHooksMixin
@@ -29,6 +30,7 @@ LIBRARY_OPTIONS = frozenset(
         "delayed_delivery",
         "max_redeliveries",
         "failure_handlers",
+        "circuit_breaker",
     }
 )
 
@@ -37,6 +39,7 @@ class ResilientTask(
     ObservabilityMixin,
     FailureHooksMixin,
     RetryMixin,
+    CircuitBreakerMixin,
     DelayedDeliveryMixin,
     TimeLimitMixin,
     DeadLetterMixin,
@@ -47,6 +50,8 @@ class ResilientTask(
     It combines :class:`~resilient_tasks.ObservabilityMixin` (structlog context while it runs),
     :class:`~resilient_tasks.FailureHooksMixin` (``failure_handlers``,
     ``on_give_up``, ``on_retry``), :class:`~resilient_tasks.RetryMixin` (``retry_policy``),
+    :class:`~resilient_tasks.CircuitBreakerMixin` (``circuit_breaker``: a breaker shared by
+    the fleet),
     :class:`~resilient_tasks.DelayedDeliveryMixin` (``delayed_delivery``: delayed messages wait
     on the broker), :class:`~resilient_tasks.TimeLimitMixin` (time limits,
     ``max_redeliveries``) and :class:`~resilient_tasks.DeadLetterMixin` (``dead_letter``,

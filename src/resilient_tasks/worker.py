@@ -25,7 +25,7 @@ from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded, WorkerLo
 from celery.worker import state
 from celery.worker.request import Request
 
-from . import deadletter, retry, timelimit
+from . import breaker, deadletter, retry, timelimit
 from ._delayed_rabbitmq import arrivals, restore_route
 
 __all__ = ["ResilientRequest"]
@@ -93,15 +93,39 @@ class ResilientRequest(Request):  # type: ignore[misc]
             self._resilient_token = next(_tokens)
         super().__init__(message, *args, **kwargs)
 
+    #: Set once this message was found to be a second copy, or was deferred by its task's
+    #: open circuit breaker (see :meth:`revoked`): it is settled, and does not run.
+    _resilient_copy = False
+    #: Set once the task's circuit breaker was asked about this message.
+    _resilient_admitted = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Celery's worker makes a subclass per task whose on_success does not call ours: the
+        # success is reported to the task's circuit breaker around it.
+        own = cls.__dict__.get("on_success")
+        if own is not None and not getattr(own, "_resilient_reports", False):
+            setattr(cls, "on_success", _reporting_success(own))  # noqa: B010
+
+    def on_success(self, failed__retval__runtime: Any, **kwargs: Any) -> Any:
+        if not failed__retval__runtime[0]:  # a failure goes on to on_failure
+            breaker.report(self, None)
+        return super().on_success(failed__retval__runtime, **kwargs)
+
     def revoked(self) -> bool:
-        # Celery asks this before it hands the message to the pool: the place to drop a
-        # second copy of a delayed message (see resilient_tasks._delayed_rabbitmq.Arrivals).
+        # Celery asks this before it hands the message to the pool (its execute_using_pool,
+        # which Celery's worker replaces with its own for each task, calls nothing else of
+        # ours): the place to drop a second copy of a delayed message (see
+        # resilient_tasks._delayed_rabbitmq.Arrivals), and to ask the circuit breaker.
+        if self._resilient_copy:
+            return True
         arrival = self._resilient_arrival
         if arrival is not None and arrivals.is_copy(arrival, self._resilient_token):
             logger.warning("resilient_tasks: %s[%s] arrived twice from RabbitMQ's delay queues "
                            "(at-least-once dead-lettering); the copy is dropped",
                            self.name, self.id)  # fmt: skip
             self._resilient_arrival = None
+            self._resilient_copy = True
             # Forget this copy only: the first, with the same id, may still be running.
             if state.requests.get(self.id) is self:
                 del state.requests[self.id]
@@ -109,7 +133,17 @@ class ResilientRequest(Request):  # type: ignore[misc]
             state.active_requests.discard(self)
             self.acknowledge()
             return True
-        return bool(super().revoked())
+        if super().revoked():
+            return True
+        if not self._resilient_admitted:
+            # Asked once, as the message goes to the pool (Celery's execute_using_pool asks
+            # here first): a task whose circuit breaker is open is deferred on the broker
+            # instead, and settled (resilient_tasks.breaker).
+            self._resilient_admitted = True
+            if not breaker.admit(self):
+                self._resilient_copy = True
+                return True
+        return False
 
     def on_timeout(self, soft: bool, timeout: float) -> Any:
         if soft or not timelimit.handles_losses(self.task):
@@ -127,6 +161,7 @@ class ResilientRequest(Request):  # type: ignore[misc]
                          "outcome of the same run", self.name, self.id)  # fmt: skip
             return None
         exc = _unwrap(exc_info.exception)
+        breaker.report(self, exc)
         celery_on_failure = functools.partial(
             super().on_failure, exc_info, send_failed_event, return_ok
         )
@@ -166,6 +201,17 @@ class ResilientRequest(Request):  # type: ignore[misc]
     def _succeeded_before(self) -> bool:
         stored = getattr(self, "_success_was_stored", None)  # Celery >= 5.6
         return bool(stored()) if stored else False
+
+
+def _reporting_success(on_success: Any) -> Any:
+    @functools.wraps(on_success)
+    def reporting(self: Any, failed__retval__runtime: Any, **kwargs: Any) -> Any:
+        if not failed__retval__runtime[0]:
+            breaker.report(self, None)
+        return on_success(self, failed__retval__runtime, **kwargs)
+
+    reporting._resilient_reports = True  # type: ignore[attr-defined]
+    return reporting
 
 
 def _unwrap(exc: BaseException) -> BaseException:

@@ -58,6 +58,13 @@ class PrivateServer:
     _start: Any
     _stop: Any
 
+    def stop(self) -> None:
+        self._stop()
+
+    def start(self) -> None:
+        self._start()
+        wait_until_up(self.url)
+
     def restart(self, outage: float = 3.0) -> None:
         self._stop()
         time.sleep(outage)

@@ -59,6 +59,7 @@ __all__ = [
     "CONTEXT_KEYS",
     "CORRELATION_HEADER",
     "EVENTS",
+    "FLEET_EVENTS",
     "LOGGER_NAME",
     "ObservabilityMixin",
     "configure_logging",
@@ -83,6 +84,19 @@ EVENTS: Mapping[str, str] = MappingProxyType(
         "task_revoked": "warning",
         "task_rejected": "warning",
         "task_unknown": "error",
+        "task_deferred": "info",
+        "retry_budget_exhausted": "warning",
+    }
+)
+#: Events about a circuit breaker or the state store, not about one task, and their level. They
+#: carry the breaker's name (or the store's URL) instead of a task's identity.
+FLEET_EVENTS: Mapping[str, str] = MappingProxyType(
+    {
+        "circuit_opened": "warning",
+        "circuit_half_open": "info",
+        "circuit_closed": "info",
+        "state_store_unavailable": "warning",
+        "state_store_available": "info",
     }
 )
 #: The keys bound in ``structlog.contextvars`` while a task runs.
@@ -104,7 +118,9 @@ LOGGER_NAME = "resilient_tasks.events"
 DEDUPE_SIZE = 1024
 
 _log = structlog.get_logger(LOGGER_NAME)
-_LEVELS = {name: logging.getLevelName(name.upper()) for name in set(EVENTS.values())}
+_LEVELS = {
+    name: logging.getLevelName(name.upper()) for name in {*EVENTS.values(), *FLEET_EVENTS.values()}
+}
 _UID = "resilient_tasks.observability."
 # Test helpers (resilient_tasks.testing) receive each event here before it is logged.
 _Sink = Callable[[str, str, Mapping[str, Any]], None]
@@ -164,7 +180,8 @@ def _wanted(event: str) -> bool:
     if _sinks:
         return True
     is_enabled_for = getattr(_log.bind(), "is_enabled_for", None)
-    return is_enabled_for is None or bool(is_enabled_for(_LEVELS[EVENTS[event]]))
+    level = EVENTS[event] if event in EVENTS else FLEET_EVENTS[event]
+    return is_enabled_for is None or bool(is_enabled_for(_LEVELS[level]))
 
 
 def _record(event: str, fields: dict[str, Any], *, retries: Any = 0, redelivered: int = 0) -> None:
@@ -172,7 +189,7 @@ def _record(event: str, fields: dict[str, Any], *, retries: Any = 0, redelivered
     task_id = fields.get("task_id")
     if task_id is not None and not _occurrences.first((event, task_id, retries, redelivered)):
         return
-    level = EVENTS[event]
+    level = EVENTS[event] if event in EVENTS else FLEET_EVENTS[event]
     for sink in list(_sinks):
         try:
             sink(event, level, fields)
@@ -636,6 +653,13 @@ def _current_correlation_id() -> str | None:
 
 
 def _on_library_event(event: str, fields: Mapping[str, Any]) -> None:
+    if event in FLEET_EVENTS:
+        if _wanted(event):
+            extra = {k: v for k, v in fields.items() if k != "exception"}
+            if "exception" in fields:
+                extra.update(_exception(fields["exception"]))
+            _record(event, extra)
+        return
     request = fields.get("request")
     task = fields.get("task")
     described = _Described(request, task)
@@ -653,6 +677,21 @@ def _on_library_event(event: str, fields: Mapping[str, Any]) -> None:
         )
     elif event == "task_hard_time_limit":
         described.record(event, timeout=fields.get("timeout"), **exception)
+    elif event == "task_deferred":
+        if _wanted(event):  # each deferral once: a task may be deferred again and again
+            extra = {"breaker": fields.get("breaker"), "delay": fields.get("delay"),
+                     "deferrals": fields.get("deferrals")}  # fmt: skip
+            _record(event, described.fields(**extra), retries=(described.retries,
+                    fields.get("deferrals")))  # fmt: skip
+    elif event == "retry_budget_exhausted":
+        described.record(
+            event,
+            budget=fields.get("budget"),
+            window_first_attempts=fields.get("attempts"),
+            window_retries=fields.get("retries"),
+            allowed=fields.get("allowed"),
+            **exception,
+        )
     elif event == "task_worker_lost":
         described.record(
             event,

@@ -32,6 +32,7 @@ from resilient_tasks.observability import (
     CONTEXT_KEYS,
     CORRELATION_HEADER,
     EVENTS,
+    FLEET_EVENTS,
     ObservabilityMixin,
 )
 from resilient_tasks.testing import CapturedEvents, capture_events
@@ -168,6 +169,23 @@ def every_event() -> None:
         exception=TimeLimitExceeded(1.0),
     )
     _events.emit(
+        "task_deferred",
+        request=worker_request(boom, "deferred-0"),
+        breaker="payments",
+        delay=3.0,
+        deferrals=1,
+    )
+    _events.emit(
+        "retry_budget_exhausted",
+        task=flaky,
+        request=Context(id="budget-1", task="obs.flaky", retries=1),
+        budget="obs.flaky",
+        attempts=10,
+        retries=2,
+        allowed=2.0,
+        exception=ConnectionError("reset"),
+    )
+    _events.emit(
         "task_worker_lost",
         request=worker_request(boom, "lost-1"),
         redeliveries=0,
@@ -263,7 +281,38 @@ def test_the_event_table_is_the_documented_one() -> None:
         "task_revoked": "warning",
         "task_rejected": "warning",
         "task_unknown": "error",
+        "task_deferred": "info",
+        "retry_budget_exhausted": "warning",
     }
+    assert dict(FLEET_EVENTS) == {
+        "circuit_opened": "warning",
+        "circuit_half_open": "info",
+        "circuit_closed": "info",
+        "state_store_unavailable": "warning",
+        "state_store_available": "info",
+    }
+
+
+def test_fleet_events_name_their_breaker_and_each_deferral_is_logged(connected: None) -> None:
+    with structlog.testing.capture_logs() as logs:
+        _events.emit("circuit_opened", breaker="payments", calls=20, failures=11,
+                     reset_timeout=30.0, shared=True)  # fmt: skip
+        _events.emit("state_store_unavailable", store="redis://h:6379/0",
+                     exception=ConnectionError("refused"))  # fmt: skip
+        for deferrals in (1, 2):
+            _events.emit("task_deferred", request=worker_request(boom, "deferred-1"),
+                         breaker="payments", delay=3.2, deferrals=deferrals)  # fmt: skip
+
+    opened, unavailable, *deferred = logs
+    assert (opened["event"], opened["breaker"], opened["failures"]) == ("circuit_opened",
+                                                                       "payments", 11)  # fmt: skip
+    assert opened["log_level"] == "warning"
+    assert (unavailable["store"], unavailable["exception_type"]) == (
+        "redis://h:6379/0",
+        "ConnectionError",
+    )
+    assert [(d["task_id"], d["deferrals"]) for d in deferred] == [("deferred-1", 1),
+                                                                  ("deferred-1", 2)]  # fmt: skip
 
 
 def test_each_event_is_logged_through_structlog_at_its_level(connected: None) -> None:

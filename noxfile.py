@@ -100,6 +100,17 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "benchmarks", *session.posargs)
 
 
+@nox.session(python=PYTHON, name="bench-breaker")
+def bench_breaker(session: nox.Session) -> None:
+    """The circuit breaker's cost while closed, and an outage: ``nox -s bench-breaker``.
+
+    ``-- --outage`` runs the outage instead and draws docs/img/breaker-outage.png; ``-- --help``
+    lists the options. Needs the local Redis.
+    """
+    session.install("-e", ".[test,bench]")
+    session.run("python", "-m", "benchmarks.breaker", *session.posargs)
+
+
 @nox.session(python=["3.10", "3.11", "3.12", "3.13"])
 def floor(session: nox.Session) -> None:
     """What Celery's own tracer spends on a failure against a success, per Python: ``nox -s floor``.

@@ -17,6 +17,7 @@ import redis
 
 from apps.base import read_log
 from resilient_tasks._fleet_state import breaker_key, budget_key
+from resilient_tasks.delayed import delayed_stats
 from support.brokers import REDIS_URL, Broker
 from support.servers import persistent_redis
 from support.worker import WorkerRunner
@@ -56,6 +57,11 @@ def test_an_open_breaker_spares_a_dependency_that_is_down(
                for _ in range(200)]  # fmt: skip
     time.sleep(20.0)  # the outage
     calls_while_down = len(read_log(calls))
+    # The deferred tasks wait on the broker (a delay queue, a sorted set), not in a worker.
+    # (RabbitMQ counts per delay queue of the test's own topology; Redis per destination.)
+    stats = delayed_stats(first.client)
+    rabbitmq = first.client.connection_for_write().transport.driver_type == "amqp"
+    assert sum(q.waiting for q in stats if rabbitmq or q.queue == first.queue) > 100
     flag.unlink()
 
     assert [r.get(timeout=120) for r in results] == ["paid"] * 200

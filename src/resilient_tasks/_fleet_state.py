@@ -8,8 +8,9 @@ a unit test runs both on the same sequences of calls and compares them.
 
 The store failing must not stop work: :class:`FleetState` turns any error of Redis into
 ``None`` (the caller then lets the task run, or the retry happen, as without protection), says
-so once per process with a warning and a ``state_store_unavailable`` event, tries again after
-:data:`RETRY_AFTER` seconds, and says when it answers again.
+so once per worker with a warning and a ``state_store_unavailable`` event (each of its other
+processes at info level), tries again after :data:`RETRY_AFTER` seconds, and says when it
+answers again.
 
 Windows are :data:`BUCKETS` buckets of ``window / BUCKETS`` seconds each: a count leaves the
 window up to one bucket (5 % of the window) late.
@@ -18,6 +19,7 @@ window up to one bucket (5 % of the window) late.
 from __future__ import annotations
 
 import logging
+import mmap
 import threading
 import time
 import weakref
@@ -92,6 +94,8 @@ class BudgetReply:
 # -- the algorithm, in Lua (Redis) ----------------------------------------------------------------
 
 _COMMON = """
+-- Redis < 5 refuses writes after TIME without this
+if redis.replicate_commands then pcall(redis.replicate_commands) end
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
@@ -519,7 +523,9 @@ class FleetState:
                 first = not self._down
                 self._down = True
             if first:
-                logger.warning(
+                said = _say_for_the_worker(down=True)
+                logger.log(
+                    logging.WARNING if said else logging.INFO,
                     "resilient_tasks: the state store %s does not answer (%s: %s); circuit "
                     "breakers and retry budgets are off (tasks run and retry as without them) "
                     "until it answers again",
@@ -527,18 +533,38 @@ class FleetState:
                     type(exc).__name__,
                     exc,
                 )
-                _events.emit("state_store_unavailable", store=self.where, exception=exc)
+                if said:
+                    _events.emit("state_store_unavailable", store=self.where, exception=exc)
             return None
         if self._down:
             with self._lock:
                 self._down = False
-            logger.warning(
+            said = _say_for_the_worker(down=False)
+            logger.log(
+                logging.WARNING if said else logging.INFO,
                 "resilient_tasks: the state store %s answers again; circuit breakers and retry "
                 "budgets are back on",
                 self.where,
             )
-            _events.emit("state_store_available", store=self.where)
+            if said:
+                _events.emit("state_store_available", store=self.where)
         return result
+
+
+# One byte of memory shared by a worker's main process and the pool processes it forks (they
+# inherit the mapping): whether one of them has said the store is down, so that a worker says
+# it once (at warning level, with an event), not once per process.
+_worker_flag = mmap.mmap(-1, 1)
+
+
+def _say_for_the_worker(*, down: bool) -> bool:
+    """Whether this process is the one of its worker to say that the store went ``down`` (or
+    came back): the first to see the change. Each process still notes it at info level."""
+    wanted = b"\x01" if down else b"\x00"
+    if _worker_flag[0:1] == wanted:
+        return False
+    _worker_flag[0:1] = wanted
+    return True
 
 
 _states: weakref.WeakKeyDictionary[Celery, FleetState] = weakref.WeakKeyDictionary()
@@ -555,10 +581,16 @@ def state_url(app: Celery) -> str | None:
     connection = app.connection_for_write()
     try:
         if connection.transport.driver_type == "redis":
-            return str(connection.as_uri(include_password=True))
+            url = str(connection.as_uri(include_password=True))
+            # Kombu's Sentinel transport is "redis" too, but its URL is not one redis-py reads.
+            if url.split(":", 1)[0] in _REDIS_SCHEMES:
+                return url
     finally:
         connection.release()
     return None
+
+
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 
 
 def state_for(app: Celery) -> FleetState:
@@ -570,10 +602,18 @@ def state_for(app: Celery) -> FleetState:
         state = _states.get(app)
         if state is None:
             url = state_url(app)
-            if url is None:
-                state = FleetState(LocalStore(), "this process")
-            else:
-                state = FleetState(RedisStore(url), _without_password(url))
+            state = FleetState(LocalStore(), "this process")
+            if url is not None:
+                try:
+                    state = FleetState(RedisStore(url), _without_password(url))
+                except Exception as exc:  # no redis package, a URL it cannot read
+                    logger.warning(
+                        "resilient_tasks: cannot use %s as the state store of circuit breakers "
+                        "and retry budgets (%s: %s); their state stays in each process",
+                        _without_password(url),
+                        type(exc).__name__,
+                        exc,
+                    )
             _states[app] = state
     return state
 

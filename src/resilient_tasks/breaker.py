@@ -36,7 +36,15 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from celery import Task, bootsteps
-from celery.exceptions import Ignore, Reject, Retry
+from celery.exceptions import (
+    Ignore,
+    Reject,
+    Retry,
+    TaskRevokedError,
+    Terminated,
+    TimeLimitExceeded,
+    WorkerLostError,
+)
 from celery.worker.state import task_ready
 
 from . import _events
@@ -241,6 +249,8 @@ class CircuitBreakerMixin(StepsMixin):
 
 # Celery's control flow: not a call that failed.
 _NOT_CALLS = (Ignore, Reject)
+# An attempt cut short: no success, and a failure only if the breaker's `on` names it.
+_NOT_TOLD = (WorkerLostError, Terminated, TimeLimitExceeded, TaskRevokedError)
 
 
 # -- in the worker's main process ---------------------------------------------------------------
@@ -348,7 +358,10 @@ def _defer(request: Any, spec: CircuitBreaker, wait: float) -> bool:
     # Spread the deferred tasks out, so that they do not all come back in the same instant.
     delay = max(0.0, wait) + random.uniform(0.0, min(5.0, 0.2 * spec.reset_timeout))
     context = request._context
-    deferrals = int((context.headers or {}).get(DEFERRALS_HEADER) or 0) + 1
+    try:
+        deferrals = int((context.headers or {}).get(DEFERRALS_HEADER) or 0) + 1
+    except (TypeError, ValueError):  # a header someone else wrote: counted afresh
+        deferrals = 1
     headers = {**without_x_death(context.headers), DEFERRALS_HEADER: deferrals}
     request._resilient_settled = True
     if not republish(request, headers, countdown=delay, retries=int(context.retries or 0)):
@@ -377,6 +390,12 @@ def report(request: Any, exc: BaseException | None) -> None:
                 _call(request, spec, "report", probe="release")
             return
     failed = exc is not None and _counts(spec, exc)
+    if not failed and isinstance(exc, _NOT_TOLD):
+        # The attempt was cut short (killed, terminated, timed out): it says nothing of the
+        # dependency, unless `on` names it.
+        if probe:
+            _call(request, spec, "report", probe="release")
+        return
     if probe:
         _call(request, spec, "report", probe="fail" if failed else "ok")
     elif failed:

@@ -135,10 +135,11 @@ class ResilientRequest(Request):  # type: ignore[misc]
             return True
         if super().revoked():
             return True
-        if not self._resilient_admitted:
+        if not self._resilient_admitted and state.requests.get(self.id) is self:
             # Asked once, as the message goes to the pool (Celery's execute_using_pool asks
-            # here first): a task whose circuit breaker is open is deferred on the broker
-            # instead, and settled (resilient_tasks.breaker).
+            # here first; the strategy asks before the message is reserved, for an expiring
+            # task, which is not yet the time to ask): a task whose circuit breaker is open is
+            # deferred on the broker instead, and settled (resilient_tasks.breaker).
             self._resilient_admitted = True
             if not breaker.admit(self):
                 self._resilient_copy = True
@@ -146,6 +147,8 @@ class ResilientRequest(Request):  # type: ignore[misc]
         return False
 
     def on_timeout(self, soft: bool, timeout: float) -> Any:
+        if not soft:
+            breaker.report(self, TimeLimitExceeded(timeout))
         if soft or not timelimit.handles_losses(self.task):
             return super().on_timeout(soft, timeout)
         return timelimit.settle_hard_time_limit(self, timeout)

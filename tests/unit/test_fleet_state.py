@@ -3,15 +3,19 @@ per-process one (Python) and Redis' Lua scripts, which must agree step for step.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import time
 import uuid
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from resilient_tasks import CircuitBreaker, ConfigurationError, RetryBudget, RetryPolicy
+from resilient_tasks import breaker as breaker_module
 from resilient_tasks._fleet_state import FleetState, LocalStore, RedisStore
 from support.brokers import REDIS_URL
 
@@ -216,6 +220,7 @@ def test_the_budget_script_agrees_with_the_python(shared: RedisStore) -> None:
 def test_a_store_that_does_not_answer_fails_open_and_says_so_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="resilient_tasks._fleet_state")
     state = FleetState(RedisStore("redis://127.0.0.1:1/0"), "redis://127.0.0.1:1/0")
     spec = breaker()
     assert state.breaker(spec, "admit") is None
@@ -263,3 +268,70 @@ def test_a_bad_budget_is_refused_naming_the_argument(options: dict[str, Any], na
 def test_a_policy_refuses_a_budget_that_is_not_one() -> None:
     with pytest.raises(ConfigurationError, match="RetryPolicy: budget"):
         RetryPolicy(budget=0.1)  # type: ignore[arg-type]
+
+
+# -- the worker's side: what an ending tells the breaker ------------------------------------------
+
+
+class FakeRequest:
+    """What :func:`resilient_tasks.breaker.admit` / ``report`` read of a worker request."""
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+        self.id = uuid.uuid4().hex
+
+
+def guarded_task(spec: CircuitBreaker) -> Any:
+    from celery import Celery
+
+    app = Celery(f"unit-{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    return SimpleNamespace(app=app, circuit_breaker=spec, name="unit.guarded")
+
+
+def half_open(spec: CircuitBreaker, task: Any) -> FakeRequest:
+    """Open the breaker, let reset_timeout pass, and admit one probe."""
+    from resilient_tasks._fleet_state import state_for
+
+    state_for(task.app).store.breaker(spec, "report", failures=spec.minimum_calls)
+    state_for(task.app).store.breaker(spec, "admit", now=time.monotonic() + spec.reset_timeout)
+    state_for(task.app).store.breaker(spec, "report", probe="release")  # that probe is gone
+    probe = FakeRequest(task)
+    probe._resilient_probe = True  # type: ignore[attr-defined]
+    state_for(task.app).store.breaker(spec, "admit")  # its place, as admit() takes it
+    return probe
+
+
+def test_a_probe_whose_process_died_frees_its_place_and_closes_nothing() -> None:
+    from celery.exceptions import WorkerLostError
+
+    from resilient_tasks._fleet_state import state_for
+
+    spec = breaker(reset_timeout=0.01)
+    task = guarded_task(spec)
+    probe = half_open(spec, task)
+
+    breaker_module.report(probe, WorkerLostError("killed"))
+
+    reply = state_for(task.app).store.breaker(spec, "admit")
+    assert (reply.state, reply.action) == ("half_open", "probe")  # not closed; the place is free
+
+
+def test_a_hard_time_limit_counts_when_on_names_it() -> None:
+    from celery.exceptions import TimeLimitExceeded
+
+    from resilient_tasks._fleet_state import state_for
+
+    spec = breaker(on=(ConnectionError, TimeLimitExceeded), minimum_calls=2)
+    task = guarded_task(spec)
+    for _ in range(2):
+        breaker_module.report(FakeRequest(task), TimeLimitExceeded(30))
+    assert state_for(task.app).store.breaker(spec, "report").state == "open"
+
+
+def test_a_sentinel_broker_is_no_state_store_url() -> None:
+    from celery import Celery
+
+    from resilient_tasks._fleet_state import state_url
+
+    app = Celery("unit-sentinel", broker="sentinel://127.0.0.1:26379", set_as_current=False)
+    assert state_url(app) is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,6 +51,13 @@ class Worker:
     output: Path
     settings: dict[str, Any] = field(default_factory=dict)
     module: str = ""
+    #: The worker's node name: remote control commands and inspections name it as their
+    #: destination, or every worker with remote control on the broker (other tests') answers.
+    nodename: str = ""
+
+    def inspect(self, timeout: float = 2.0) -> Any:
+        """Celery's ``inspect`` of this worker alone."""
+        return self.client.control.inspect(timeout=timeout, destination=[self.nodename])
 
     def celery(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run ``celery -A <module> <args>`` as a user would, against this worker's broker."""
@@ -205,6 +213,7 @@ class WorkerRunner:
         queues = queues or [self.broker.queue_name()]
         self.queues.update(queues)
         conf = self.settings(queues[0], **(settings or {}))
+        nodename = f"{self.broker.prefix}-{label}@{socket.gethostname()}"
         ready = self.tmp_path / f"{label}.ready"
         output = self.tmp_path / f"{label}.out"
         env = {
@@ -218,7 +227,7 @@ class WorkerRunner:
         cmd = [
             *self.launcher, sys.executable, "-m", "celery", "-A", module, "worker",
             "-P", pool, "-c", str(concurrency), "-Q", ",".join(queues),
-            "-n", f"{self.broker.prefix}-{label}@%h",
+            "-n", nodename,
             "--without-heartbeat", "--without-gossip", "--without-mingle",
             "--loglevel=INFO", *extra_args,
         ]  # fmt: skip
@@ -229,7 +238,15 @@ class WorkerRunner:
         client = Celery(f"client-{label}")
         client.conf.update(conf)
         worker = Worker(
-            process, client, queues[0], queues, self.tmp_path / f"{label}.log", output, conf, module
+            process,
+            client,
+            queues[0],
+            queues,
+            self.tmp_path / f"{label}.log",
+            output,
+            conf,
+            module,
+            nodename,
         )
         self.workers.append(worker)
         deadline = time.monotonic() + self.ready_timeout

@@ -45,7 +45,7 @@ def publish(worker: Worker, name: str, *args: Any, **options: Any) -> Any:
 
 def settled(worker: Worker) -> bool:
     """Whether the worker has nothing in hand: no task active, reserved or scheduled."""
-    inspect = worker.client.control.inspect(timeout=2)
+    inspect = worker.inspect(timeout=2)
     replies = [inspect.active(), inspect.reserved(), inspect.scheduled()]
     return all(r is not None and not any(r.values()) for r in replies)
 
@@ -165,7 +165,7 @@ def test_a_queue_the_worker_starts_consuming_later_gets_its_delayed_messages(
     worker = workers.start(APP, settings={"worker_enable_remote_control": True})
     later = workers.broker.queue_name("added")
     workers.queues.add(later)
-    worker.client.control.add_consumer(later, reply=True, timeout=5)
+    worker.client.control.add_consumer(later, reply=True, timeout=5, destination=[worker.nodename])
 
     result = publish(worker, "delayed.note", countdown=1, queue=later)
 
@@ -227,7 +227,7 @@ def test_a_storm_of_retries_waits_on_the_broker_and_new_work_starts_at_once(
 
     assert [r.get(timeout=20) for r in probes] == ["noted"] * 20
     assert time.monotonic() - started < 20
-    scheduled = worker.client.control.inspect(timeout=5).scheduled() or {}
+    scheduled = worker.inspect(timeout=5).scheduled() or {}
     assert sum(len(held) for held in scheduled.values()) == 0  # none held by the worker
     assert after - before < 10, f"main process grew {after - before:.1f} MiB"
     attempts = runs(worker, "delayed.later")

@@ -1,10 +1,11 @@
-"""``celery dlq``: list, show, replay and purge dead letters from the command line.
+"""``celery dlq``: list, show, count, replay and purge dead letters from the command line.
 
 Registered through the ``celery.commands`` entry point, so it runs with the app of ``-A``::
 
     celery -A proj dlq list    [--queue Q]... [--task NAME] [--id ID] [--reason R] [--limit N]
                                [--json]
     celery -A proj dlq show    ID [--queue Q]...
+    celery -A proj dlq stats   [--queue Q]... [--json]
     celery -A proj dlq replay  [--queue Q]... [--task NAME] [--id ID] [--reason R] [--limit N]
                                [--dry-run] [--to-queue Q] [--allow-pickle]
     celery -A proj dlq purge   [--queue Q]... [--task NAME] [--id ID] [--reason R] [--limit N]
@@ -23,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, TypeVar
 
@@ -35,6 +36,7 @@ from .dlq import (
     REASONS,
     DeadLetter,
     DeadLetters,
+    DeadLetterStats,
     DeadLetterToolError,
     NotADeadLetterQueue,
     Outcome,
@@ -47,6 +49,8 @@ __all__ = ["delayed", "dlq"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _COLUMNS = ("ID", "TASK", "REASON", "EXCEPTION", "DEAD-LETTERED AT", "ATTEMPTS", "REDELIVERED")
+# How many tasks, reasons and exception types `dlq stats` shows (--json has them all).
+_TOP = 10
 
 
 def _queue_option(f: _F) -> _F:
@@ -127,7 +131,7 @@ def _plural(count: int, word: str) -> str:
 
 @click.group(name="dlq")
 def dlq() -> None:
-    """Dead letters: list, show, replay and purge tasks that failed for good.
+    """Dead letters: list, show, count, replay and purge tasks that failed for good.
 
     Dead letters are read without being consumed; a replay publishes each message with the
     broker's confirm before it removes it. Everything printed is redacted.
@@ -135,6 +139,7 @@ def dlq() -> None:
     Example:
 
     \b
+        celery -A proj dlq stats
         celery -A proj dlq list --task billing.sync_invoice
         celery -A proj dlq replay --reason retries_exhausted --dry-run
         celery -A proj dlq replay --reason retries_exhausted
@@ -196,13 +201,15 @@ def _listed(
     return found, others
 
 
-def _fail_on_others(ctx: click.Context, others: dict[str, list[str]]) -> None:
+def _fail_on_others(
+    ctx: click.Context, others: dict[str, list[str]], left_out: str = "not listed"
+) -> None:
     """Messages that are not dead letters: name them on stderr and exit 1."""
     for queue, found in others.items():
         first = found[0] + (f" and {_plural(len(found) - 1, 'other')}" if len(found) > 1 else "")
         click.echo(
             f"Error: {queue} holds {_plural(len(found), 'message')} that "
-            f"{'is' if len(found) == 1 else 'are'} not dead letters ({first}; not listed): "
+            f"{'is' if len(found) == 1 else 'are'} not dead letters ({first}; {left_out}): "
             "is it a live task queue?",
             err=True,
         )
@@ -244,6 +251,65 @@ def show(ctx: click.Context, task_id: str, queues: tuple[str, ...]) -> None:
         ctx.exit(1)
     for letter in found:
         click.echo(json.dumps(letter.redacted(letters.redact_patterns), indent=2, default=str))
+
+
+@dlq.command(name="stats")
+@_queue_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (its shape: the docs).")
+@click.pass_context
+def dlq_stats(ctx: click.Context, queues: tuple[str, ...], as_json: bool) -> None:
+    """Count dead letters by task, reason and exception type, with the oldest and newest, per
+    queue and in total (nothing is consumed).
+
+    Exits 1 if a queue does not exist or holds messages that are not dead letters (they are
+    not counted, and named on stderr).
+    """
+    letters = _dead_letters(ctx, queues)
+    others: dict[str, list[str]] = {}
+    with _errors(letters):
+        counted = letters.stats(
+            others=lambda queue, what: others.setdefault(queue, []).append(what)
+        )
+    if as_json:
+        click.echo(json.dumps(counted.as_dict(), indent=2))
+    elif not counted.count and not others:  # a queue of other messages is no all-clear
+        click.echo(f"No dead letters in {_queues_text(letters)}.")
+    else:
+        click.echo(_stats_text(counted))
+    _fail_on_others(ctx, others, "not counted")
+
+
+def _stats_text(counted: DeadLetterStats) -> str:
+    rows: list[tuple[str, ...]] = [
+        (q.queue, str(q.count), q.oldest or "-", q.newest or "-") for q in counted.queues
+    ]
+    if len(rows) > 1:
+        rows.append(("total", str(counted.count), counted.oldest or "-", counted.newest or "-"))
+    parts = [_table(rows, ("QUEUE", "DEAD LETTERS", "OLDEST", "NEWEST"))]
+    for title, counts in (
+        ("TASK", counted.by_task),
+        ("REASON", counted.by_reason),
+        ("EXCEPTION", counted.by_exception),
+    ):
+        if counts:
+            parts.append(_top(title, counts, counted.count))
+    parts.append(
+        f"{_plural(counted.count, 'dead letter')} in {_plural(len(counted.queues), 'queue')}."
+    )
+    return "\n\n".join(parts)
+
+
+def _top(title: str, counts: Mapping[str, int], total: int) -> str:
+    """The ``_TOP`` highest counts as a table, and a line for the rest."""
+    ranked = list(counts.items())
+    rows: list[tuple[str, ...]] = [
+        (key, str(count), f"{100 * count / total:.0f}%") for key, count in ranked[:_TOP]
+    ]
+    rest = ranked[_TOP:]
+    if rest:
+        rest_count = sum(count for _, count in rest)
+        rows.append((f"({len(rest)} more)", str(rest_count), f"{100 * rest_count / total:.0f}%"))
+    return _table(rows, (title, "DEAD LETTERS", "SHARE"))
 
 
 @dlq.command()

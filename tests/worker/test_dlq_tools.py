@@ -137,11 +137,13 @@ def bury(
     reason: Any = "permanent",
     serializer: str | None = None,
     edit: Callable[[dict[str, Any]], None] | None = None,
+    dlq: str | None = None,
 ) -> list[str]:
     """Dead-letter ``count`` calls of task ``name`` as the worker does; return their ids.
 
     Each task message is sent to the test's queue, taken off it, and published to the
-    dead-letter queue as the envelope ``ResilientRequest`` builds from it.
+    dead-letter queue (``dlq``, by default the test's ``<queue>.dlq``) as the envelope
+    ``ResilientRequest`` builds from it.
     """
     kwargs = kwargs or {}
     client = tools.client
@@ -182,7 +184,7 @@ def bury(
             )
             if edit is not None:
                 edit(envelope)
-            publish_envelope(client, tools.dlq, envelope)
+            publish_envelope(client, dlq or tools.dlq, envelope)
             message.ack()
     return ids
 
@@ -290,6 +292,86 @@ def test_filters_select_exactly(tools: Tools) -> None:
     assert [m.headers["id"] for m in tools.take_all(tools.queue)] == [replayed]
     assert letters.purge(task="tools.login").purged == 1
     assert sorted(ids_of(letters.list())) == sorted(set(everything) - {replayed, login})
+
+
+# --- stats (issue 28, item 2) -----------------------------------------------------------------
+
+
+def exception_type(name: str) -> Callable[[dict[str, Any]], None]:
+    def edit(envelope: dict[str, Any]) -> None:
+        envelope["exception"]["type"] = name
+
+    return edit
+
+
+def test_stats_counts_by_task_reason_and_exception_and_consumes_nothing(tools: Tools) -> None:
+    graveyard = f"{tools.queue}.graveyard"  # the CLI app's other dead-letter queue
+    tools.broker.extra_cleanup.append(graveyard)
+    bury(tools, "tools.export", count=3)
+    bury(tools, "tools.export", reason="retries_exhausted", edit=exception_type("ConnectionError"))
+    bury(tools, "tools.login", count=2, reason="retries_exhausted",
+         edit=exception_type("ConnectionError"))  # fmt: skip
+    bury(tools, "tools.graveyard", dlq=graveyard)
+    before = ids_of(tools.letters(tools.dlq, graveyard).list())
+
+    counted = tools.letters(tools.dlq, graveyard).stats()
+    table = ok(tools.cli("stats"))
+    as_json = ok(tools.cli("stats", "--json"))
+    one_queue = ok(tools.cli("stats", "--queue", graveyard, "--json"))
+
+    assert ids_of(tools.letters(tools.dlq, graveyard).list()) == before, "consumed or reordered"
+    assert (tools.depth(tools.dlq), tools.depth(graveyard)) == (6, 1)
+    assert [(q.queue, q.count) for q in counted.queues] == [(tools.dlq, 6), (graveyard, 1)]
+    assert counted.count == 7
+    assert dict(counted.by_task) == {"tools.export": 4, "tools.login": 2, "tools.graveyard": 1}
+    assert dict(counted.by_reason) == {"permanent": 4, "retries_exhausted": 3}
+    assert dict(counted.by_exception) == {"KeyError": 4, "ConnectionError": 3}
+    assert dict(counted.queues[1].by_task) == {"tools.graveyard": 1}
+    times = [letter.dead_lettered_at for letter in tools.letters(tools.dlq, graveyard).list()]
+    assert counted.oldest == min(times)
+    assert counted.newest == max(times)
+    assert json.loads(as_json.stdout) == counted.as_dict()
+    assert json.loads(one_queue.stdout)["count"] == 1
+    assert [q["queue"] for q in json.loads(one_queue.stdout)["queues"]] == [graveyard]
+    rows = [line.split() for line in lines(table)]
+    assert rows[0] == ["QUEUE", "DEAD", "LETTERS", "OLDEST", "NEWEST"]
+    assert rows[1][:2] == [tools.dlq, "6"]
+    assert rows[2][:2] == [graveyard, "1"]
+    assert rows[3][:2] == ["total", "7"]
+    assert ["tools.export", "4", "57%"] in rows
+    assert ["ConnectionError", "3", "43%"] in rows
+    assert rows[-1] == ["7", "dead", "letters", "in", "2", "queues."]
+
+
+def test_stats_of_an_empty_dead_letter_queue_is_an_all_clear(tools: Tools) -> None:
+    bury(tools, "tools.export")
+    assert tools.letters().purge().purged == 1  # empty now: on Redis the list is gone
+
+    table = ok(tools.cli("stats", "--queue", tools.dlq))
+    as_json = ok(tools.cli("stats", "--queue", tools.dlq, "--json"))
+
+    assert table.stdout == f"No dead letters in {tools.dlq}.\n"
+    shape = json.loads(as_json.stdout)
+    assert (shape["count"], shape["oldest"], shape["by_task"]) == (0, None, {})
+    assert shape["queues"] == [{"queue": tools.dlq, "count": 0, "others": 0, "oldest": None,
+                                "newest": None, "by_task": {}, "by_reason": {},
+                                "by_exception": {}}]  # fmt: skip
+
+
+def test_stats_of_a_live_task_queue_is_no_all_clear(tools: Tools) -> None:
+    (letter,) = bury(tools, "tools.export")  # through the task queue: before the live tasks
+    ids = live(tools, 3)
+
+    run = tools.cli("stats", "--queue", tools.dlq, "--queue", tools.queue)
+    counted = tools.letters(tools.dlq, tools.queue).stats()
+
+    assert run.returncode == 1, f"{run.stdout}\n{run.stderr}"
+    assert f"{tools.queue} holds 3 messages that are not dead letters" in run.stderr
+    assert "not counted" in run.stderr
+    assert "No dead letters" not in run.stdout
+    assert [(q.count, q.others) for q in counted.queues] == [(1, 0), (0, 3)]
+    assert ids_of(tools.letters().list()) == [letter]
+    assert_untouched(tools, tools.queue, ids)
 
 
 # --- replay ---------------------------------------------------------------------------------
@@ -583,6 +665,7 @@ def test_messages_the_broker_dead_lettered_are_read_and_replayed(tools: Tools) -
         time.sleep(0.02)
 
     (letter,) = tools.letters().list(reason="rejected")
+    counted = tools.letters().stats()
     listed = ok(tools.cli("list"))
     as_json = ok(tools.cli("list", "--json"))
     run = ok(tools.cli("replay"))
@@ -591,6 +674,9 @@ def test_messages_the_broker_dead_lettered_are_read_and_replayed(tools: Tools) -
     assert (letter.id, letter.task_name, letter.exception_type) == (task_id, "tools.export", None)
     assert letter.destination == ("", source)
     assert letter.envelope["task"]["kwargs"] == {"password": "[REDACTED]"}
+    assert (dict(counted.by_reason), dict(counted.by_exception)) == ({"rejected": 1}, {"-": 1})
+    assert letter.dead_lettered_at is not None
+    assert counted.oldest == counted.newest == letter.dead_lettered_at
     assert f"{task_id}  tools.export  rejected (broker)" in listed.stdout
     assert json.loads(as_json.stdout)["broker"]["x-death"][0]["reason"] == "rejected"
     assert secret not in listed.stdout + as_json.stdout + run.stdout
@@ -742,7 +828,7 @@ def test_a_live_task_found_midway_is_neither_republished_nor_removed(
     assert [json.loads(m.body)["task"]["id"] for m in kept[1:]] == [last]
 
 
-@pytest.mark.parametrize("command", ["list", "show", "replay", "purge"])
+@pytest.mark.parametrize("command", ["list", "show", "stats", "replay", "purge"])
 def test_a_queue_that_does_not_exist_is_an_error_naming_it(tools: Tools, command: str) -> None:
     bury(tools, "tools.export")
     typo = f"{tools.queue}.dql"

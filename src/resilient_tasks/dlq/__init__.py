@@ -1,4 +1,4 @@
-"""Dead-letter tools: list, show, replay and purge what failed for good.
+"""Dead-letter tools: list, show, count, replay and purge what failed for good.
 
 :class:`DeadLetters` reads the dead-letter queues of an app: the envelopes
 :class:`~resilient_tasks.DeadLetterMixin` publishes, and task messages the broker dead-lettered
@@ -7,10 +7,11 @@ The ``celery dlq`` command (:mod:`resilient_tasks.cli`) is a thin layer over it.
 
 Nothing is lost, whatever happens mid-way:
 
-* **Reading consumes nothing.** ``list`` and ``get`` take messages without acknowledging them
-  and put every one back (on RabbitMQ with one ``basic.nack`` with requeue, then the channel is
-  closed: the broker requeues them in their places); on Redis and on the filesystem transport
-  the messages are read where they lie, so they never leave the queue at all.
+* **Reading consumes nothing.** ``list``, ``get`` and ``stats`` take messages without
+  acknowledging them and put every one back (on RabbitMQ with one ``basic.nack`` with requeue,
+  then the channel is closed: the broker requeues them in their places); on Redis and on the
+  filesystem transport the messages are read where they lie, so they never leave the queue at
+  all.
 * **Replay publishes first, removes second.** Each message is published to its original exchange
   and routing key with publisher confirms (on RabbitMQ, ``mandatory``: a message no queue would
   receive is an error, not a silent drop), and only once the broker has it is the dead letter
@@ -48,6 +49,7 @@ from .model import (
 )
 from .replay import REPLAY_HEADER, Outcome
 from .selection import dead_letter_queues
+from .stats import STATS_SCHEMA, UNKNOWN, DeadLetterStats, QueueStats
 from .tools import DeadLetters
 
 __all__ = [
@@ -55,14 +57,18 @@ __all__ = [
     "PICKLE_CONTENT_TYPE",
     "REASONS",
     "REPLAY_HEADER",
+    "STATS_SCHEMA",
+    "UNKNOWN",
     "DeadLetter",
     "DeadLetterNotFound",
+    "DeadLetterStats",
     "DeadLetterToolError",
     "DeadLetters",
     "NotADeadLetterQueue",
     "Outcome",
     "PurgeReport",
     "QueueNotFound",
+    "QueueStats",
     "ReplayError",
     "ReplayReport",
     "UnknownReason",

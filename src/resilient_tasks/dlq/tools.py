@@ -1,4 +1,4 @@
-""":class:`DeadLetters`: list, get, replay and purge the dead letters of an app's queues."""
+""":class:`DeadLetters`: list, get, count, replay and purge the dead letters of an app's queues."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from .selection import (
     _identity,
     dead_letter_queues,
 )
+from .stats import DeadLetterStats, _Tally
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -227,6 +228,37 @@ class DeadLetters:
                     if limit is not None and len(found) >= limit:
                         break
         return found
+
+    def stats(self, *, others: Callable[[str, str], None] | None = None) -> DeadLetterStats:
+        """The dead letters counted, per queue and in total: by task, by reason and by exception
+        type, with the oldest and the newest (:class:`DeadLetterStats`). Consumes nothing.
+
+        Every queue is read through once, as :meth:`list` reads it (on RabbitMQ the messages
+        stream in and are all handed back, in their places, when the queue is done). A message
+        that is not a dead letter is counted in ``others`` only; ``others``, if given, is called
+        with its queue and a description of it, as by :meth:`list`.
+
+        Example::
+
+            stats = DeadLetters(app).stats()
+            print(stats.count, "dead letters; the oldest from", stats.oldest)
+            for queue in stats.queues:
+                print(queue.queue, queue.count, dict(queue.by_exception))
+        """
+        self._check_queues()
+        counted = []
+        for queue in self.queues:
+            tally = _Tally()
+            with self._reading(queue, stream=True) as reader:
+                for message, letter in self._messages(queue, reader):
+                    if letter is not None:
+                        tally.add(letter)
+                        continue
+                    tally.others += 1
+                    if others is not None:
+                        others(queue, _described(message))
+            counted.append(tally.queue_stats(queue))
+        return DeadLetterStats.of(counted)
 
     def get(self, id: str) -> DeadLetter | None:
         """The dead letter of task ``id`` (the oldest, if there are several), or ``None``.

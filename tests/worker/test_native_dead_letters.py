@@ -16,8 +16,8 @@ from support.worker import Worker, WorkerRunner
 
 APP = "apps.native_app"
 # Celery's delayed-delivery topology (celery_delayed_*) is one per broker and these tests remove
-# it: under pytest-xdist they run in one test process, one after the other.
-pytestmark = [pytest.mark.worker, pytest.mark.xdist_group("celery-delayed-delivery")]
+# it: they run one at a time (the conftest's celery_delayed_delivery lock).
+pytestmark = [pytest.mark.worker, pytest.mark.usefixtures("celery_delayed_delivery")]
 CELERY = tuple(int(p) for p in celery.__version__.split(".")[:2])
 CELERY_DELAYED_DELIVERY = [f"celery_delayed_{level}" for level in range(28)] + [
     "celery_delayed_delivery"

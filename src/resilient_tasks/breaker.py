@@ -251,6 +251,7 @@ class CircuitBreakerMixin(StepsMixin):
 _NOT_CALLS = (Ignore, Reject)
 # An attempt cut short: no success, and a failure only if the breaker's `on` names it.
 _NOT_TOLD = (WorkerLostError, Terminated, TimeLimitExceeded, TaskRevokedError)
+_SAYS_NOTHING = (*_NOT_CALLS, *_NOT_TOLD)
 
 
 # -- in the worker's main process ---------------------------------------------------------------
@@ -280,11 +281,12 @@ def _view(state: FleetState, spec: CircuitBreaker) -> _View:
     return view
 
 
-def _call(request: Any, spec: CircuitBreaker, op: str, failures: int = 0, probe: str = "") -> Any:
-    """One script call to the breaker, with the successes counted since the last; the view
-    and the events follow its reply. ``None`` when the store does not answer."""
-    state = state_for(request.task.app)
-    view = _view(state, spec)
+def _call(
+    state: FleetState, view: _View, spec: CircuitBreaker, op: str, failures: int = 0,
+    probe: str = "",
+) -> Any:  # fmt: skip
+    """One script call to the breaker, with the successes ``view`` counted since the last; the
+    view and the events follow its reply. ``None`` when the store does not answer."""
     with view.lock:
         successes, view.successes = view.successes, 0
     reply = state.breaker(spec, op, successes=successes, failures=failures, probe=probe)
@@ -337,13 +339,14 @@ def admit(request: Any) -> bool:
     spec: CircuitBreaker | None = getattr(request.task, "circuit_breaker", None)
     if spec is None:
         return True
-    view = _view(state_for(request.task.app), spec)
+    state = state_for(request.task.app)
+    view = _view(state, spec)
     now = time.monotonic()
     if view.state == "closed" and now - view.synced < SYNC_INTERVAL:
         return True
     if view.state == "open" and now < view.until:
         return _defer(request, spec, view.until - now)
-    reply = _call(request, spec, "admit")
+    reply = _call(state, view, spec, "admit")
     if reply is None or reply.action == "run":
         return True
     if reply.action == "probe":
@@ -382,31 +385,29 @@ def report(request: Any, exc: BaseException | None) -> None:
         return
     request._resilient_reported = True  # once, whichever on_success / on_failure runs
     probe = request.__dict__.pop("_resilient_probe", False)
-    if exc is not None:
+    state = state_for(request.task.app)
+    view = _view(state, spec)
+    failed = False
+    if exc is not None:  # a success skips all of this
         if isinstance(exc, Retry):
             exc = exc.exc if isinstance(exc.exc, BaseException) else None
-        elif isinstance(exc, _NOT_CALLS):
+        failed = exc is not None and not isinstance(exc, _NOT_CALLS) and _counts(spec, exc)
+        if not failed and isinstance(exc, _SAYS_NOTHING):
+            # Celery's control flow (no call), or an attempt cut short (killed, terminated,
+            # timed out): it says nothing of the dependency, unless `on` names what cut it short.
             if probe:
-                _call(request, spec, "report", probe="release")
+                _call(state, view, spec, "report", probe="release")
             return
-    failed = exc is not None and _counts(spec, exc)
-    if not failed and isinstance(exc, _NOT_TOLD):
-        # The attempt was cut short (killed, terminated, timed out): it says nothing of the
-        # dependency, unless `on` names it.
-        if probe:
-            _call(request, spec, "report", probe="release")
-        return
     if probe:
-        _call(request, spec, "report", probe="fail" if failed else "ok")
+        _call(state, view, spec, "report", probe="fail" if failed else "ok")
     elif failed:
-        _call(request, spec, "report", failures=1)
+        _call(state, view, spec, "report", failures=1)
     else:
-        view = _view(state_for(request.task.app), spec)
         with view.lock:
             view.successes += 1
             due = time.monotonic() - view.synced >= SYNC_INTERVAL
         if due:
-            _call(request, spec, "report")
+            _call(state, view, spec, "report")
 
 
 def _counts(spec: CircuitBreaker, exc: BaseException) -> bool:

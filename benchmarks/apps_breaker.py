@@ -14,10 +14,8 @@ Settings read from the worker's configuration (``app.conf``):
 
 from __future__ import annotations
 
-import os
-
 from apps.base import make_app
-from apps.bench_app import POLICY, _Slot
+from apps.bench_app import POLICY, Ticker
 from resilient_tasks import CircuitBreaker, ResilientTask
 
 app = make_app(__name__)
@@ -31,16 +29,7 @@ BREAKER = CircuitBreaker(
     reset_timeout=30.0,
 )
 
-_slot: _Slot | None = None
-_slot_pid = 0
-
-
-def tick() -> None:
-    """Count one task in this process's slot (opened on first use, once per process)."""
-    global _slot, _slot_pid
-    if _slot is None or _slot_pid != os.getpid():
-        _slot, _slot_pid = _Slot(app.conf["bench_dir"]), os.getpid()
-    _slot.tick()
+tick = Ticker(app)
 
 
 @app.task(base=ResilientTask, name="breaker_bench.guarded", ignore_result=True,

@@ -76,16 +76,22 @@ class _Slot:
         SLOT.pack_into(self._map, 0, self._first, now, self._count)
 
 
-_slot: _Slot | None = None
-_slot_pid = 0
+class Ticker:
+    """Counts one task per call in this process's slot file in ``app.conf["bench_dir"]``
+    (opened on first use, once per process)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._slot: _Slot | None = None
+        self._pid = 0
+
+    def __call__(self) -> None:
+        if self._slot is None or self._pid != os.getpid():
+            self._slot, self._pid = _Slot(self.app.conf["bench_dir"]), os.getpid()
+        self._slot.tick()
 
 
-def tick() -> None:
-    """Count one task in this process's slot (opened on first use, once per process)."""
-    global _slot, _slot_pid
-    if _slot is None or _slot_pid != os.getpid():
-        _slot, _slot_pid = _Slot(app.conf["bench_dir"]), os.getpid()
-    _slot.tick()
+tick = Ticker(app)
 
 
 @app.task(

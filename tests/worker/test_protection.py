@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from apps.base import read_log
-from resilient_tasks._fleet_state import breaker_key, budget_key
+from resilient_tasks._fleet_state import RedisStore
 from resilient_tasks.delayed import delayed_stats
 from support.brokers import REDIS_URL, Broker
 from support.servers import persistent_redis
@@ -37,9 +36,9 @@ def names(broker: Broker) -> Iterator[dict[str, Any]]:
     if broker.kind != "redis":
         settings["resilient_tasks_state_url"] = state_url
     yield {"breaker": breaker, "budget": budget, "settings": settings}
-    client = redis.Redis.from_url(state_url)
-    client.delete(breaker_key(breaker), budget_key(budget))
-    client.close()
+    store = RedisStore(state_url)
+    store.forget(breakers=(breaker,), budgets=(budget,))
+    store.client.close()
 
 
 @BOTH

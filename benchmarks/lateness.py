@@ -51,13 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--brokers", default="redis", help="comma-separated: redis, rabbitmq")
     parser.add_argument("--tasks", type=int, default=500)
     parser.add_argument("--spread", type=float, default=10.0, help="seconds the due times span")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: broker, worker")
     args = parser.parse_args(argv)
     sites, skipped = workload.available(args.brokers.split(","))
     for kind, why in skipped.items():
         print(f"{kind}: skipped ({why})")
     try:
         for kind, site in sites.items():
-            for mode in MODES:
+            for mode in args.modes.split(","):
                 late = sorted(lateness(site, mode, args.tasks, args.spread))
                 if not late:
                     print(f"{kind:8} {mode:6} no task ran")

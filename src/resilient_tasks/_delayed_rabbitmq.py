@@ -59,7 +59,17 @@ _WILDCARDS = frozenset("*#")
 #: library message nor a library binding.
 SENTINEL = "resilient_tasks"
 #: An exchange of a delay topology (any prefix).
-TOPOLOGY_EXCHANGE = re.compile(r"(?:.+_)?celery_delayed_(?:\d+|delivery)")
+TOPOLOGY_EXCHANGE = re.compile(
+    r"(?:.+_)?(?:celery_delayed_(?:\d+|delivery)|resilient_tasks_delayed_\d+ms)"
+)
+#: The library's own levels below a second, in milliseconds, longest first: a message whose
+#: delay is not a whole number of seconds goes through those its remainder needs (in steps of
+#: the shortest) before the whole-second levels, so it is late by less than that step, not by
+#: up to a second. Each level's queue has one TTL, so what waits in it leaves in order.
+FRACTION_LEVELS = (512, 256, 128, 64)
+#: The header that routes a message through (``"1"``) or past (``"0"``) a level below a second.
+FRACTION_HEADER = "resilient_tasks_delay_{}ms"
+_FRACTION_HEADERS = tuple(FRACTION_HEADER.format(ms) for ms in FRACTION_LEVELS)
 
 
 class Topology:
@@ -116,13 +126,44 @@ class Topology:
         channel.exchange_declare(self.delivery, "topic", durable=True, auto_delete=False)
         channel.exchange_bind(self.delivery, self.level(0), "*." * (BITS - 1) + "0.#")
 
+    def fraction(self, ms: int) -> str:
+        """The exchange and queue of the library's level of ``ms`` milliseconds."""
+        name = f"resilient_tasks_delayed_{ms}ms"
+        return f"{self.prefix}_{name}" if self.prefix else name
+
+    @property
+    def fraction_entry(self) -> str:
+        """Where a message is published whose delay is not a whole number of seconds."""
+        return self.fraction(FRACTION_LEVELS[0])
+
+    def declare_fractions(self, channel: Any) -> None:
+        """Declare the levels below a second: headers exchanges (the routing key is left for
+        the whole-second levels, which the last of these hands the message to), each with a
+        queue of that TTL and a way past it (idempotent)."""
+        onward = [self.fraction(ms) for ms in FRACTION_LEVELS[1:]] + [self.entry]
+        for ms in FRACTION_LEVELS:
+            channel.exchange_declare(self.fraction(ms), "headers", durable=True, auto_delete=False)
+        for ms, after in zip(FRACTION_LEVELS, onward, strict=True):
+            name, header = self.fraction(ms), FRACTION_HEADER.format(ms)
+            arguments: dict[str, Any] = {
+                "x-queue-type": self.queue_type,
+                "x-overflow": "reject-publish",
+                "x-message-ttl": ms,
+                "x-dead-letter-exchange": after,
+            }
+            if self.queue_type == "quorum":
+                arguments["x-dead-letter-strategy"] = "at-least-once"
+            channel.queue_declare(name, durable=True, auto_delete=False, arguments=arguments)
+            channel.queue_bind(name, name, "", arguments={"x-match": "all", header: "1"})
+            channel.exchange_bind(after, name, "", arguments={"x-match": "all", header: "0"})
+
     def bind(self, channel: Any, queue: str) -> None:
         """Bind ``queue`` to the delivery exchange: it gets the messages delayed for it."""
         channel.queue_bind(queue, self.delivery, "*." * BITS + queue + "." + SENTINEL)
 
     def delete(self, channel: Any) -> None:
         """Delete the topology and every message waiting in it (for tests and teardown)."""
-        for name in [*self.names(), self.delivery]:
+        for name in [*self.names(), self.delivery, *map(self.fraction, FRACTION_LEVELS)]:
             channel.queue_delete(name)
             channel.exchange_delete(name)
 
@@ -132,9 +173,33 @@ def routing_key(seconds: int, queue: str) -> str:
     return ".".join(format(seconds, f"0{BITS}b")) + "." + queue + "." + SENTINEL
 
 
-def whole_seconds(delay: float) -> int:
-    """A delay rounded up to whole seconds: the topology counts seconds, and never early."""
-    return max(1, math.ceil(delay - 1e-6))
+def split(delay_ms: int) -> tuple[int, int]:
+    """A delay as the topology waits it: whole seconds and steps of the shortest level below a
+    second (``FRACTION_LEVELS[-1]`` ms), rounded up, never early.
+
+        >>> split(4300)  # 4 s, then 5 steps of 64 ms: 320 ms
+        (4, 5)
+        >>> split(2990)  # 990 ms is more than 15 steps: a whole second
+        (3, 0)
+    """
+    step = FRACTION_LEVELS[-1]
+    seconds, rest = divmod(max(0, delay_ms), 1000)
+    steps = -(-rest // step)
+    if steps * step >= 1000:
+        return seconds + 1, 0
+    return seconds, steps
+
+
+def waits(delay: float) -> float:
+    """The seconds a message delayed by ``delay`` seconds waits in the topology."""
+    seconds, steps = split(math.ceil(delay * 1000 - 1e-3))
+    return seconds + steps * FRACTION_LEVELS[-1] / 1000
+
+
+def fraction_headers(steps: int) -> dict[str, str]:
+    """The headers that take a message through the levels below a second ``steps`` needs."""
+    bits = format(steps, f"0{len(FRACTION_LEVELS)}b")
+    return dict(zip(_FRACTION_HEADERS, bits, strict=True))
 
 
 def bindable(queue: str) -> bool:
@@ -147,6 +212,8 @@ def restore_route(message: Any) -> bool:
     published with (its ``delivery_info``): Celery reads them for a retry's route. Whether it
     arrived through the topology."""
     headers = getattr(message, "headers", None) or {}
+    for header in _FRACTION_HEADERS:
+        headers.pop(header, None)
     route: Any = headers.get(ROUTE_HEADER)
     info = getattr(message, "delivery_info", None)
     if not _is_route(route) or not isinstance(info, dict):
@@ -248,10 +315,13 @@ class _Delaying:
             # worker whose Request did not give it its route back): its own route.
             exchange_name, key = str(route[0]), str(route[1])
             options.update(exchange=exchange_name, routing_key=key)
+        if any(header in headers for header in _FRACTION_HEADERS):
+            headers = {k: v for k, v in headers.items() if k not in _FRACTION_HEADERS}
+            options["headers"] = headers
         delay_ms = _delay_ms(headers)
         if delay_ms <= 0 or "celery_delayed_" in exchange_name:  # not delayed, or by Celery
             return self._producer.publish(body, **options)
-        seconds = whole_seconds(delay_ms / 1000)
+        seconds, steps = split(delay_ms)
         queue = destination(self._app, exchange_name, key, options.get("declare") or ())
         if queue is None or not bindable(queue.name) or seconds >= 2**BITS:
             _warn_once(
@@ -265,10 +335,10 @@ class _Delaying:
         if not self._prepared(topology, queue, options):
             return self._producer.publish(body, **options)
         options.update(
-            exchange=topology.entry,
+            exchange=topology.fraction_entry if steps else topology.entry,
             routing_key=routing_key(seconds, queue.name),
             declare=[],
-            headers={**headers, ROUTE_HEADER: [exchange_name, key]},
+            headers={**headers, **fraction_headers(steps), ROUTE_HEADER: [exchange_name, key]},
         )
         return self._producer.publish(body, **options)
 
@@ -295,6 +365,7 @@ class _Delaying:
             if levels not in declared:
                 try:
                     _on_a_channel(connection, topology.declare)
+                    _on_a_channel(connection, topology.declare_fractions)
                 except ChannelError as exc:
                     _refused[refusal] = time.monotonic() + REFUSAL_REMEMBERED
                     _warn_once(

@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, TypeAlias
 from celery.exceptions import MaxRetriesExceededError, SoftTimeLimitExceeded, TimeLimitExceeded
 
 from ._chain import Matcher, exception_chain, matches
+from ._delayed_rabbitmq import waits as broker_waits
 from .classify import retry_after_seconds
 from .exceptions import Permanent, RetryAfter
 from .history import History, run_started
@@ -248,7 +249,7 @@ def unretried_reason(exc: BaseException) -> Reason:
     return "exception"
 
 
-def decide(policy: Policy, state: AttemptState, whole_seconds: bool = False) -> RetryIn | GiveUp:
+def decide(policy: Policy, state: AttemptState, delay_queues: bool = False) -> RetryIn | GiveUp:
     """Decide what follows a failed attempt. Pure, apart from a wait strategy's own jitter.
 
     In order: :class:`~resilient_tasks.Permanent` anywhere in the chain gives up
@@ -260,8 +261,8 @@ def decide(policy: Policy, state: AttemptState, whole_seconds: bool = False) -> 
     error in the chain (:func:`resilient_tasks.classify.retry_after_seconds`, capped), else the
     policy's backoff; a retry that would start later than ``max_elapsed`` after the first
     attempt, or never (a backoff of infinity), gives up (``"deadline_exceeded"``); anything else
-    is retried after that wait. With ``whole_seconds`` (where the broker delays in whole
-    seconds: RabbitMQ) ``max_elapsed`` judges the wait rounded up, the one the retry gets.
+    is retried after that wait. With ``delay_queues`` (RabbitMQ's delay queues, which wait in
+    steps of 64 ms) ``max_elapsed`` judges the wait rounded up, the one the retry gets.
 
     Example::
 
@@ -291,8 +292,8 @@ def decide(policy: Policy, state: AttemptState, whole_seconds: bool = False) -> 
         delay = server if server is not None else policy.next_delay(state)
     if not _backoff["enabled"]:
         delay = 0.0
-    # What the broker will wait: the delay rounded up where it counts whole seconds.
-    waits = float(math.ceil(delay - 1e-6)) if whole_seconds and 0 < delay < math.inf else delay
+    # What the broker will wait: the delay rounded up to the delay queues' steps.
+    waits = broker_waits(delay) if delay_queues and 0 < delay < math.inf else delay
     if math.isinf(delay) or (
         policy.max_elapsed is not None and state.elapsed + waits > policy.max_elapsed
     ):
@@ -350,6 +351,6 @@ def decide_for(task: Any, state: AttemptState) -> RetryIn | GiveUp:
     policy: Policy | None = getattr(task, "retry_policy", None)
     if policy is None:
         return GiveUp(celery_reason(task, state))
-    from .delayed import delays_in_whole_seconds  # the task's module imports this one
+    from .delayed import waits_in_delay_queues  # the task's module imports this one
 
-    return decide(policy, state, whole_seconds=delays_in_whole_seconds(task))
+    return decide(policy, state, delay_queues=waits_in_delay_queues(task))

@@ -15,8 +15,8 @@ is ``"broker"`` to the broker's own waiting room instead:
   list in one Lua script per batch: a mover killed halfway loses or repeats nothing.
 * **RabbitMQ**: durable queues whose TTL dead-letters the message onward, the topology of
   Kombu's (and Celery's) native delayed delivery, and from its last exchange straight into the
-  one queue the message is for (:mod:`resilient_tasks._delayed_rabbitmq`). Delays are whole
-  seconds, rounded up.
+  one queue the message is for (:mod:`resilient_tasks._delayed_rabbitmq`), after the library's
+  own levels below a second. Delays are rounded up to 64 ms steps.
 * **Other transports** (the embedded filesystem broker): the worker holds the message, as
   Celery does; ``delayed_delivery="broker"`` logs that once.
 
@@ -144,9 +144,9 @@ def delayed_delivery_of(task: Any) -> Mode:
     return wanted
 
 
-def delays_in_whole_seconds(task: Any) -> bool:
-    """Whether the broker delays ``task``'s messages in whole seconds (RabbitMQ's delay
-    queues): a retry's wait is rounded up before it is judged against ``max_elapsed``."""
+def waits_in_delay_queues(task: Any) -> bool:
+    """Whether ``task``'s delayed messages wait in RabbitMQ's delay queues, which count in
+    steps: a retry's wait is rounded up before it is judged against ``max_elapsed``."""
     if not isinstance(task, DelayedDeliveryMixin) or task.app.conf.task_always_eager:
         return False
     return _driver_type(task.app) == "amqp" and delayed_delivery_of(task) == "broker"

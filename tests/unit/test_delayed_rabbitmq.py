@@ -17,9 +17,10 @@ from resilient_tasks._delayed_rabbitmq import (
     Topology,
     bindable,
     destination,
+    fraction_headers,
     restore_route,
     routing_key,
-    whole_seconds,
+    split,
 )
 
 native = pytest.importorskip("kombu.transport.native_delayed_delivery")
@@ -106,9 +107,17 @@ def test_celerys_suffix_bindings_match_no_library_key_and_no_library_binding() -
     assert not matches("*." * 28 + "emails.resilient_tasks", celerys)
 
 
-@pytest.mark.parametrize(("delay", "seconds"), [(0.001, 1), (1.0, 1), (1.2, 2), (59.9999, 60)])
-def test_a_delay_is_rounded_up_to_whole_seconds_never_early(delay: float, seconds: int) -> None:
-    assert whole_seconds(delay) == seconds
+@pytest.mark.parametrize(
+    ("delay_ms", "parts"),
+    [(1, (0, 1)), (64, (0, 1)), (65, (0, 2)), (1000, (1, 0)), (1200, (1, 4)), (1961, (2, 0)),
+     (59_999, (60, 0))],
+)  # fmt: skip
+def test_a_delay_is_split_into_seconds_and_64_ms_steps_never_early(
+    delay_ms: int, parts: tuple[int, int]
+) -> None:
+    assert split(delay_ms) == parts
+    seconds, steps = parts
+    assert 0 <= seconds * 1000 + steps * 64 - delay_ms < 64
 
 
 @pytest.mark.parametrize(("queue", "ok"), [("billing", True), ("a.b-c", True), ("a.*", False),
@@ -158,3 +167,42 @@ def test_a_message_through_the_topology_gets_its_own_route_back() -> None:
 
     assert message.delivery_info == {"exchange": "tasks", "routing_key": "billing"}
     assert elsewhere.delivery_info == {"exchange": "tasks", "routing_key": "emails"}
+
+
+def test_a_remainder_below_a_second_takes_the_levels_its_64_ms_steps_name() -> None:
+    # 5 steps = 320 ms = 256 + 64: through those two levels, past 512 and 128.
+    assert fraction_headers(5) == {
+        "resilient_tasks_delay_512ms": "0",
+        "resilient_tasks_delay_256ms": "1",
+        "resilient_tasks_delay_128ms": "0",
+        "resilient_tasks_delay_64ms": "1",
+    }
+
+
+def test_the_levels_below_a_second_hand_a_message_to_the_whole_second_levels() -> None:
+    declared = Recorder()
+    Topology("billing", "classic").declare_fractions(declared)
+    queues = {call[1]: dict(call[4]) for call in declared.calls if call[0] == "queue"}
+    assert {name: args["x-message-ttl"] for name, args in queues.items()} == {
+        "billing_resilient_tasks_delayed_512ms": 512,
+        "billing_resilient_tasks_delayed_256ms": 256,
+        "billing_resilient_tasks_delayed_128ms": 128,
+        "billing_resilient_tasks_delayed_64ms": 64,
+    }
+    # Each level dead-letters to the next, and the last to the whole-second levels' entry.
+    assert queues["billing_resilient_tasks_delayed_64ms"]["x-dead-letter-exchange"] == (
+        "billing_celery_delayed_27"
+    )
+    assert queues["billing_resilient_tasks_delayed_512ms"]["x-dead-letter-exchange"] == (
+        "billing_resilient_tasks_delayed_256ms"
+    )
+
+
+def test_a_message_arrives_without_the_headers_that_routed_it() -> None:
+    message = SimpleNamespace(
+        headers={"id": "1", "resilient_tasks_delay_64ms": "1", ROUTE_HEADER: ["", "billing"]},
+        delivery_info={"exchange": "resilient_tasks_delayed_64ms", "routing_key": "x"},
+    )
+    assert restore_route(message)
+    assert "resilient_tasks_delay_64ms" not in message.headers
+    assert message.delivery_info["routing_key"] == "billing"

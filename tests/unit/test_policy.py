@@ -579,13 +579,13 @@ def test_retry_after_is_still_bounded_by_max_elapsed() -> None:
     assert decide(policy, state(RetryAfter(20), elapsed=50.0)) == GiveUp("deadline_exceeded")
 
 
-def test_a_broker_that_delays_in_whole_seconds_has_its_real_wait_judged() -> None:
-    # RabbitMQ delays in whole seconds: a 0.8 s wait is 1 s there, and 1.5 + 1 is past 2.
+def test_a_broker_that_delays_in_steps_has_its_real_wait_judged() -> None:
+    # RabbitMQ's delay queues wait in 64 ms steps: a 0.8 s wait is 0.832 s there.
     policy = RetryPolicy(retry_on=ConnectionError, max_elapsed=2.0, backoff=0.8)
 
-    assert decide(policy, state(ConnectionError(), elapsed=1.0)) == RetryIn(0.8)
-    assert decide(policy, state(ConnectionError(), elapsed=1.0), whole_seconds=True) == RetryIn(0.8)
-    assert decide(policy, state(ConnectionError(), elapsed=1.5), whole_seconds=True) == GiveUp(
+    assert decide(policy, state(ConnectionError(), elapsed=1.18)) == RetryIn(0.8)
+    assert decide(policy, state(ConnectionError(), elapsed=1.1), delay_queues=True) == RetryIn(0.8)
+    assert decide(policy, state(ConnectionError(), elapsed=1.18), delay_queues=True) == GiveUp(
         "deadline_exceeded"
     )
 

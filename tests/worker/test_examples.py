@@ -10,6 +10,7 @@ from pathlib import Path
 import celery
 import pytest
 
+from resilient_tasks._delayed_rabbitmq import FRACTION_LEVELS, Topology
 from support.brokers import Broker
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -57,7 +58,10 @@ def test_quickstart_retries_succeeds_and_gives_up(broker: Broker, tmp_path: Path
 # -- the other examples: each run as a user runs it, then the broker is checked for leftovers --
 
 CELERY_VERSION = tuple(int(part) for part in celery.__version__.split(".")[:2])
-DELAYED_DELIVERY = [f"celery_delayed_{level}" for level in range(28)]
+# Celery's levels and the library's own below a second (the examples may make both).
+DELAYED_DELIVERY = [f"celery_delayed_{level}" for level in range(28)] + [
+    Topology().fraction(ms) for ms in FRACTION_LEVELS
+]
 
 
 def run_example(script: Path, broker: Broker, tmp_path: Path, queue: str) -> str:

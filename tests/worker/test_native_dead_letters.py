@@ -11,6 +11,7 @@ import celery
 import pytest
 
 from apps.native_queues import native_queues
+from resilient_tasks._delayed_rabbitmq import FRACTION_LEVELS, Topology
 from resilient_tasks.rabbitmq import declare_dead_letter_queues
 from support.worker import Worker, WorkerRunner
 
@@ -20,7 +21,8 @@ APP = "apps.native_app"
 pytestmark = [pytest.mark.worker, pytest.mark.usefixtures("celery_delayed_delivery")]
 CELERY = tuple(int(p) for p in celery.__version__.split(".")[:2])
 CELERY_DELAYED_DELIVERY = [f"celery_delayed_{level}" for level in range(28)] + [
-    "celery_delayed_delivery"
+    "celery_delayed_delivery",
+    *(Topology().fraction(ms) for ms in FRACTION_LEVELS),
 ]
 
 

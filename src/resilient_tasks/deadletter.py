@@ -35,6 +35,7 @@ from celery.worker.state import task_ready
 from . import _events, _reason
 from ._expiry import publishing
 from .decide import Reason
+from .dlq.registry import record_dead_letter_queue
 from .envelope import (
     build_envelope,
     canvas,
@@ -225,6 +226,7 @@ def dead_letter_then(
         return
 
     def confirmed() -> None:
+        record_dead_letter_queue(request.task.app, queue)  # for the tools; never raises
         _emit_dead_lettered(request, exc, reason, queue, envelope)
         then()
 
@@ -277,6 +279,7 @@ def _published(
             request.reject(requeue=True)
             return False
         return True
+    record_dead_letter_queue(task.app, queue)  # for the tools; never raises
     _emit_dead_lettered(request, exc, reason, queue, envelope)
     return True
 

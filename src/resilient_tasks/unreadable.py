@@ -43,6 +43,7 @@ from kombu.exceptions import ContentDisallowed, DecodeError, SerializerNotInstal
 
 from . import _events
 from .decide import Reason
+from .dlq.registry import record_dead_letter_queue
 from .envelope import build_envelope, canvas, envelope_or_bare, failed_message, redact_patterns
 from .history import Attempt, History
 from .hooks import FailureDetails, FailureHooksMixin, give_up
@@ -214,6 +215,7 @@ def _settle(
         source = envelope["task"]["queue"]
         queue = task.dead_letter_queue_for(source)
         publish_envelope(task.app, queue, envelope, source)
+        record_dead_letter_queue(task.app, queue)  # for the tools; never raises
     except Exception:
         logger.exception(
             "resilient_tasks: could not dead-letter the unreadable message of %s[%s] to %r; "

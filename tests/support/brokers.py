@@ -14,15 +14,22 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Celery
 from kombu import Connection
 
 from resilient_tasks._delayed_rabbitmq import PREFIX_SETTING, Topology
 from resilient_tasks.dev.filesystem import TRANSPORT, transport_options
+from resilient_tasks.dlq.registry import (
+    DEFAULT_REGISTRY,
+    REGISTRY_SETTING,
+    forget_dead_letter_queues,
+)
 
 RABBITMQ_URL = os.environ.get("RT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
@@ -62,8 +69,15 @@ class Broker:
     @property
     def settings(self) -> dict[str, Any]:
         """App settings this broker needs for one test: on RabbitMQ, a delay topology of the
-        test's own (``{prefix}_celery_delayed_*``), deleted with what waits in it."""
-        return {PREFIX_SETTING: self.prefix} if self.kind == "rabbitmq" else {}
+        test's own (``{prefix}_celery_delayed_*``), deleted with what waits in it; on every
+        broker, a dead-letter queue registry of the test's own, deleted with it."""
+        delayed = {PREFIX_SETTING: self.prefix} if self.kind == "rabbitmq" else {}
+        return {**delayed, REGISTRY_SETTING: self.registry}
+
+    @property
+    def registry(self) -> str:
+        """The test's dead-letter queue registry (a Redis key holding the prefix, or a queue)."""
+        return f"{self.prefix}-dead-letter-queues"
 
     def connection(self) -> Connection:
         return Connection(
@@ -80,12 +94,27 @@ class Broker:
                     channel.exchange_delete(name)
                     channel.queue_delete(f"{name}.dlq")
                 Topology(self.prefix).delete(channel)
+                channel.queue_delete(self.registry)
         elif self.kind == "redis":
             with self.connection() as conn:
                 client = conn.default_channel.client
                 keys = list(client.scan_iter(match=f"*{self.prefix}*"))
                 if keys:
                     client.delete(*keys)
+        if self.kind in ("rabbitmq", "redis"):
+            self._forget_in_default_registry()
+
+    def _forget_in_default_registry(self) -> None:
+        """A test that runs a worker without :attr:`settings` (the examples) records its
+        dead-letter queues in the default registry: remove them, and the registry if empty."""
+        app = Celery("cleanup", broker=self.url, set_as_current=False)
+        try:
+            forget_dead_letter_queues(app, lambda queue: self.prefix in queue)
+            if self.kind == "rabbitmq":
+                with self.connection() as conn, suppress(*conn.channel_errors):
+                    conn.channel().queue_delete(DEFAULT_REGISTRY, if_empty=True)
+        finally:
+            app.close()
 
 
 def _reachable(url: str) -> str | None:

@@ -8,25 +8,25 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .model import REASONS, DeadLetter, UnknownReason
+from .readers import _reader
+from .registry import recorded_dead_letter_queues
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["dead_letter_queues"]
+__all__ = ["dead_letter_queues", "routed_dead_letter_queues"]
 
 
 def dead_letter_queues(app: Celery) -> tuple[str, ...]:
-    """Every dead-letter queue the app's tasks and routes imply, in task-name order.
+    """Every dead-letter queue of the app: those its tasks and routes imply
+    (:func:`routed_dead_letter_queues`), in task-name order, then those its workers have
+    published dead letters to (:func:`~resilient_tasks.dlq.registry.recorded_dead_letter_queues`)
+    that the broker still has, sorted.
 
-    For each registered task with ``dead_letter`` true (built on
-    :class:`~resilient_tasks.DeadLetterMixin`), the queue its route sends it to (the task's own
-    ``queue`` option, else ``task_routes``, else ``task_default_queue``) is put through the
-    task's ``dead_letter_queue`` template. Where the route's routing key differs from the queue
-    name, the queue named after the routing key is included too (the worker names dead-letter
-    queues after the routing key a message arrived with).
-
-    Tasks sent to a queue their route does not name (``apply_async(queue=...)``) are not seen
-    here; name those dead-letter queues explicitly.
+    The recorded ones add the dead-letter queues of queues chosen when a task was sent
+    (``apply_async(queue="bulk")``, whose dead letters go to ``bulk.dlq``). A recorded queue
+    that no longer exists (deleted; on Redis, also one that is empty) is left out. On a
+    transport without a registry (``memory://``, ...) no connection is made.
 
     Example::
 
@@ -36,7 +36,48 @@ def dead_letter_queues(app: Celery) -> tuple[str, ...]:
         @app.task(base=ResilientTask)
         def sync_invoice(invoice_id): ...
 
-        dead_letter_queues(app)  # ('billing.dlq',)
+        sync_invoice.apply_async((1,), queue="bulk")  # fails for good on a worker
+        dead_letter_queues(app)  # ('billing.dlq', 'bulk.dlq')
+    """
+    routed = routed_dead_letter_queues(app)
+    found = dict.fromkeys(routed)
+    recorded = [q for q in recorded_dead_letter_queues(app) if q not in found]
+    if recorded:
+        with app.connection_for_read() as connection:
+            for queue in recorded:
+                if _exists(connection, queue):
+                    found[queue] = None
+    return tuple(found)
+
+
+def _exists(connection: Any, queue: str) -> bool:
+    reader = _reader(connection, queue)
+    try:
+        return reader.exists()
+    finally:
+        reader.close()
+
+
+def routed_dead_letter_queues(app: Celery) -> tuple[str, ...]:
+    """The dead-letter queues the app's tasks and routes imply, in task-name order; no broker
+    is asked.
+
+    For each registered task with ``dead_letter`` true (built on
+    :class:`~resilient_tasks.DeadLetterMixin`), the queue its route sends it to (the task's own
+    ``queue`` option, else ``task_routes``, else ``task_default_queue``) is put through the
+    task's ``dead_letter_queue`` template. Where the route's routing key differs from the queue
+    name, the queue named after the routing key is included too (the worker names dead-letter
+    queues after the routing key a message arrived with).
+
+    Example::
+
+        app = Celery("billing")
+        app.conf.task_default_queue = "billing"
+
+        @app.task(base=ResilientTask)
+        def sync_invoice(invoice_id): ...
+
+        routed_dead_letter_queues(app)  # ('billing.dlq',)
     """
     found: dict[str, None] = {}
     for name in sorted(app.tasks):

@@ -41,7 +41,8 @@ class DeadLetters:
     """The dead-letter queues of ``app``: list, get, replay and purge what is in them.
 
     ``queues`` names the dead-letter queues; ``None`` (the default) means every one the app's
-    tasks and routes imply (:func:`dead_letter_queues`), and ``ValueError`` if there is none.
+    tasks and routes imply and every one its workers recorded writing to
+    (:func:`dead_letter_queues`), and ``ValueError`` if there is none.
 
     The filters every operation takes: ``task`` is a task name, or a shell-style pattern of
     one (``"billing.*"``); ``id`` a task id; ``reason`` the envelope's reason, one of
@@ -81,7 +82,8 @@ class DeadLetters:
                 "no dead-letter queues: the app has no task with dead_letter=True "
                 "(is the module that defines them imported?); name the queues explicitly"
             )
-        #: The dead-letter queues the app's tasks and routes imply: never "not found".
+        #: The dead-letter queues the app's tasks and routes imply, and those its workers
+        #: recorded that still exist: never "not found".
         self.implied: tuple[str, ...] = implied
         #: The redaction patterns :meth:`DeadLetter.redacted` should be given for this app.
         self.redact_patterns: tuple[str, ...] = redact_patterns(app)

@@ -10,6 +10,7 @@ Registered through the ``celery.commands`` entry point, so it runs with the app 
                                [--dry-run] [--to-queue Q] [--allow-pickle]
     celery -A proj dlq purge   [--queue Q]... [--task NAME] [--id ID] [--reason R] [--limit N]
                                [--yes]
+    celery -A proj dlq web     [--queue Q]... [--host 127.0.0.1] [--port 5590] [--token T]
 
 Every command is a thin layer over :class:`resilient_tasks.dlq.DeadLetters`; everything it
 prints is redacted (:meth:`resilient_tasks.dlq.DeadLetter.redacted`). A mistake is an error,
@@ -457,6 +458,63 @@ def purge(
         f"Purged {_plural(report.purged, 'dead letter')} from {_queues_text(letters)}."
         + (f" {_plural(gone, 'other')} had gone meanwhile." if gone else "")
     )
+
+
+@dlq.command()
+@_queue_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to bind.")
+@click.option("--port", type=click.IntRange(0, 65535), default=5590, show_default=True)
+@click.option(
+    "--token",
+    envvar="RESILIENT_TASKS_WEB_TOKEN",
+    metavar="TOKEN",
+    help="Every request must carry it (open the console once with ?token=TOKEN). "
+    "Required to bind anything but a loopback address. Env: RESILIENT_TASKS_WEB_TOKEN.",
+)
+@click.pass_context
+def web(
+    ctx: click.Context, queues: tuple[str, ...], host: str, port: int, token: str | None
+) -> None:
+    """Serve the dead-letter console: counts, the list with filters, each dead letter with its
+    attempts and traceback, replay and purge after a confirmation (needs the web extra).
+
+    \b
+        celery -A proj dlq web                    # http://127.0.0.1:5590/
+        RESILIENT_TASKS_WEB_TOKEN=... celery -A proj dlq web --host 0.0.0.0
+    """
+    try:
+        from werkzeug.serving import make_server
+
+        from .dlq.web import loopback, make_app
+    except ImportError as exc:
+        raise click.ClickException(
+            "the console needs the web extra: pip install 'resilient-tasks[web]'"
+        ) from exc
+    if token is not None and not token.strip():
+        raise click.BadParameter("an empty token protects nothing", param_hint="--token")
+    if token is None and not loopback(host):
+        raise click.BadParameter(
+            f"{host} is reachable from other machines: give a --token (or set "
+            "RESILIENT_TASKS_WEB_TOKEN), or bind 127.0.0.1",
+            param_hint="--host",
+        )
+    letters = _dead_letters(ctx, queues)
+    # Without a token only loopback Host headers are answered: a web page elsewhere cannot
+    # reach the console through a DNS name it points at 127.0.0.1 (DNS rebinding).
+    allowed = None if token is not None else {"localhost", "127.0.0.1", "::1", host}
+    app = make_app(letters.app, queues=letters.queues, token=token, allowed_hosts=allowed)
+    server = make_server(host, port, app, threaded=True)
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(
+        f"Dead-letter console for {_queues_text(letters)} on http://{shown}:{server.port}/"
+        + ("  (token required)" if token else "")
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @click.group(name="delayed")

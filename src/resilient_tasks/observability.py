@@ -12,7 +12,7 @@ event                      source                                  level
 ``task_started``           Celery ``task_prerun`` (or the call)    info
 ``task_succeeded``         Celery ``task_postrun`` (``SUCCESS``)   info
 ``task_retry_scheduled``   the library (``RetryMixin.retry``)      warning
-``task_failed``            Celery ``task_failure``                 error
+``task_failed``            Celery ``task_failure``                 error (1)
 ``task_dead_lettered``     the library (``ResilientRequest``)      error
 ``task_soft_time_limit``   the library (``TimeLimitMixin``)        warning
 ``task_hard_time_limit``   the library (``ResilientRequest``)      error
@@ -21,6 +21,14 @@ event                      source                                  level
 ``task_rejected``          Celery ``task_rejected``                warning
 ``task_unknown``           Celery ``task_unknown``                 error
 =========================  ======================================  =========
+
+(1) info when the task dead-letters the failure: its error line, with the traceback, is then
+``task_dead_lettered``. After :func:`connect`, Celery's own ``Task ... raised unexpected`` line
+is not written for a library task (unless the app sets :data:`CELERY_FAILURE_LOG_SETTING`):
+each failure is one error line.
+
+Until structlog is configured, the events go through ``logging`` (logger
+``resilient_tasks.events``), each at its level.
 
 Every event carries ``task_id``, ``task_name``, ``attempt`` (``request.retries + 1``),
 ``queue`` (the routing key it was delivered with), ``root_id``, ``parent_id``,
@@ -34,6 +42,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, MutableMapping
 from contextvars import ContextVar, Token
@@ -42,13 +51,17 @@ from typing import Any
 
 import structlog
 from billiard.einfo import ExceptionWithTraceback
-from celery import Task, current_task, signals, states
+from celery import Task, current_app, current_task, signals, states
 from celery.app.task import Context
 from celery.utils.log import get_multiprocessing_logger
 from celery.utils.objects import mro_lookup
 from celery.worker.request import Request
 
-from . import _events, _reason
+from . import (
+    _celery_events,  # noqa: F401  (registers the listener that sends Celery events)
+    _events,
+    _reason,
+)
 from ._steps import StepsMixin
 from .decide import unretried_reason
 from .history import exception_type_name
@@ -56,6 +69,7 @@ from .options import check_before
 from .timelimit import redeliveries
 
 __all__ = [
+    "CELERY_FAILURE_LOG_SETTING",
     "CONTEXT_KEYS",
     "CORRELATION_HEADER",
     "EVENTS",
@@ -79,7 +93,9 @@ EVENTS: Mapping[str, str] = MappingProxyType(
         "task_failed": "error",
         "task_dead_lettered": "error",
         "task_soft_time_limit": "warning",
-        "task_hard_time_limit": "error",
+        # The failure it ends in says ERROR once (task_dead_lettered or task_failed); a hard
+        # limit that is retried is no more than a warning.
+        "task_hard_time_limit": "warning",
         "task_worker_lost": "warning",
         "task_revoked": "warning",
         "task_rejected": "warning",
@@ -114,10 +130,20 @@ CONTEXT_KEYS = (
 CORRELATION_HEADER = "resilient_correlation_id"
 #: The name of the structlog (and, with stdlib integration, ``logging``) logger of the events.
 LOGGER_NAME = "resilient_tasks.events"
+#: The app setting that keeps Celery's own ``Task ... raised unexpected`` error line for library
+#: tasks after :func:`connect` (by default the events say it, once: see the docs' "Logs").
+CELERY_FAILURE_LOG_SETTING = "resilient_tasks_celery_failure_log"
+#: The logger of Celery's line of a task's failure.
+CELERY_TRACE_LOGGER = "celery.app.trace"
+#: The loggers of the ``Hard time limit (...) exceeded`` line in the worker's main process:
+#: Celery's, and the library's own where it settles a hard limit (the same line).
+HARD_LIMIT_LOGGERS = ("celery.worker.request", "resilient_tasks.timelimit")
+_HARD_LIMIT_LINE = "Hard time limit (%ss) exceeded for %s[%s]"
 #: How many occurrences are remembered to drop a second report of the same one.
 DEDUPE_SIZE = 1024
 
 _log = structlog.get_logger(LOGGER_NAME)
+_stdlib = logging.getLogger(LOGGER_NAME)
 _LEVELS = {
     name: logging.getLevelName(name.upper()) for name in {*EVENTS.values(), *FLEET_EVENTS.values()}
 }
@@ -173,29 +199,64 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_occurrences.after_fork)
 
 
-def _wanted(event: str) -> bool:
-    """Whether ``event`` would be logged (or a test sink listens): skip building the rest if
-    not. Asks the bound logger's ``is_enabled_for`` (structlog's stdlib and filtering loggers
-    have it); a logger without it logs everything."""
+def _wanted(event: str, level: str | None = None) -> bool:
+    """Whether ``event`` would be logged (at ``level``, else its own), or a test sink listens:
+    skip building the rest if not. Asks ``logging`` while structlog is not configured (see
+    :func:`_record`), else the bound logger's ``is_enabled_for`` (structlog's stdlib and
+    filtering loggers have it); a logger without it logs everything."""
     if _sinks:
         return True
+    if level is None:
+        level = EVENTS[event] if event in EVENTS else FLEET_EVENTS[event]
+    if not structlog.is_configured():
+        return _stdlib.isEnabledFor(_LEVELS[level])
     is_enabled_for = getattr(_log.bind(), "is_enabled_for", None)
-    level = EVENTS[event] if event in EVENTS else FLEET_EVENTS[event]
     return is_enabled_for is None or bool(is_enabled_for(_LEVELS[level]))
 
 
-def _record(event: str, fields: dict[str, Any], *, retries: Any = 0, redelivered: int = 0) -> None:
-    """Log ``event`` once per (event, task id, retries, redeliveries)."""
+def _record(
+    event: str,
+    fields: dict[str, Any],
+    *,
+    retries: Any = 0,
+    redelivered: int = 0,
+    level: str | None = None,
+) -> None:
+    """Log ``event`` once per (event, task id, retries, redeliveries), at ``level`` (else the
+    event's own).
+
+    Through structlog once the application configured it (``structlog.configure()``, or
+    :func:`configure_logging`); until then through ``logging`` (:func:`_log_plain`): structlog's
+    default logger prints to standard output, which a Celery worker redirects into ``WARNING``
+    lines whatever the event's level."""
     task_id = fields.get("task_id")
     if task_id is not None and not _occurrences.first((event, task_id, retries, redelivered)):
         return
-    level = EVENTS[event] if event in EVENTS else FLEET_EVENTS[event]
+    if level is None:
+        level = EVENTS[event] if event in EVENTS else FLEET_EVENTS[event]
     for sink in list(_sinks):
         try:
             sink(event, level, fields)
         except Exception:
             logger.exception("resilient_tasks: event sink %r raised on %s", sink, event)
-    getattr(_log, level)(event, **fields)
+    if structlog.is_configured():
+        getattr(_log, level)(event, **fields)
+    else:
+        _log_plain(event, level, fields)
+
+
+def _log_plain(event: str, level: str, fields: Mapping[str, Any]) -> None:
+    """Log ``event`` with ``logging``: ``event key=value ...`` (values as ``repr``), then the
+    traceback, if there is one, on the lines after, as ``logging`` shows ``exc_info``. The
+    fields are on the record too, as ``record.data`` (as Celery's ``celery.app.trace`` lines
+    carry theirs)."""
+    text = " ".join(
+        [event, *(f"{key}={value!r}" for key, value in fields.items() if key != "traceback")]
+    )
+    trace = fields.get("traceback")
+    if trace:
+        text = f"{text}\n{str(trace).rstrip()}"
+    _stdlib.log(_LEVELS[level], "%s", text, extra={"data": {"event": event, **fields}})
 
 
 # -- what a request says about its task ------------------------------------------------------------
@@ -573,8 +634,14 @@ def _on_failure(
     sender: Any = None,
     task_id: str | None = None,
     exception: BaseException | None = None,
+    einfo: Any = None,
     **_: Any,
 ) -> None:
+    # A failure the library dead-letters is told at ERROR, with its traceback, once: by
+    # task_dead_lettered. task_failed is then an info line, and the error line otherwise.
+    level = "info" if _dead_letters(sender) else "error"
+    if not _wanted("task_failed", level):
+        return
     described = _describe_run(sender, task_id)
     reason = None
     if exception is not None:
@@ -582,7 +649,83 @@ def _on_failure(
         # which carries the reason, is still being handled in the pool child.
         marked = _reason.recorded(exception) or _reason.recorded(sys.exc_info()[1] or exception)
         reason = marked or unretried_reason(exception)
-    described.record("task_failed", reason=reason, **_exception(exception))
+    extra: dict[str, Any] = {"reason": reason, **_exception(exception)}
+    if level == "error":
+        extra["traceback"] = _traceback_text(einfo)
+    _record(
+        "task_failed",
+        described.fields(**extra),
+        retries=described.retries,
+        redelivered=redeliveries(described._headers),
+        level=level,
+    )
+
+
+def _dead_letters(task: Any) -> bool:
+    """Whether a terminal failure of ``task`` is dead-lettered (by its ``ResilientRequest``
+    in the worker's main process, which logs ``task_dead_lettered``)."""
+    # DeadLetterMixin's own method: a plain task may have an attribute of that name.
+    return bool(getattr(task, "dead_letter", False)) and hasattr(task, "dead_letter_queue_for")
+
+
+def _is_library_task(task: Any) -> bool:
+    """Whether ``task`` is built on the library's tasks (``ResilientTask``, or the mixins with
+    :class:`ObservabilityMixin`)."""
+    return isinstance(task, ObservabilityMixin)
+
+
+class _CeleryFailureLine(logging.Filter):
+    """Drops Celery's ``Task ... raised unexpected: ...`` error line (logger
+    ``celery.app.trace``, written in the pool child after ``task_failure``) for a library task,
+    whose failure the events tell at ERROR with the traceback: ``task_dead_lettered`` when it
+    is dead-lettered, else ``task_failed``. The line stays for other tasks, while that event's
+    ERROR level is not logged, and where the app sets :data:`CELERY_FAILURE_LOG_SETTING`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        data = getattr(record, "data", None)
+        if not isinstance(data, dict) or data.get("description") != "raised unexpected":
+            return True
+        task = current_task._get_current_object()
+        if task is None or not _is_library_task(task):
+            return True
+        if getattr(task.request, "id", None) != data.get("id"):
+            return True
+        if task.app.conf.get(CELERY_FAILURE_LOG_SETTING):
+            return True
+        return not _wanted("task_dead_lettered" if _dead_letters(task) else "task_failed", "error")
+
+
+_celery_failure_line = _CeleryFailureLine()
+
+
+class _CeleryHardLimitLine(logging.Filter):
+    """Drops Celery's ``Hard time limit (...) exceeded`` error line (:data:`HARD_LIMIT_LOGGERS`,
+    in the worker's main process) for a library task, whose
+    ``task_hard_time_limit`` event says it, and whose failure, if it is one, is the one ERROR
+    line. Kept as :class:`_CeleryFailureLine` keeps Celery's other line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != _HARD_LIMIT_LINE or not isinstance(record.args, tuple):
+            return True
+        if len(record.args) != 3:
+            return True
+        task = current_app.tasks.get(str(record.args[1]))
+        if task is None or not _is_library_task(task):
+            return True
+        if task.app.conf.get(CELERY_FAILURE_LOG_SETTING):
+            return True
+        return not _wanted("task_hard_time_limit")
+
+
+_celery_hard_limit_line = _CeleryHardLimitLine()
+
+
+def _traceback_text(einfo: Any) -> str | None:
+    """The traceback of Celery's ``ExceptionInfo`` (its text), if any."""
+    text = getattr(einfo, "traceback", None)
+    return str(text).rstrip() if text else None
 
 
 def _on_revoked(
@@ -669,12 +812,17 @@ def _on_library_event(event: str, fields: Mapping[str, Any]) -> None:
     elif event == "task_soft_time_limit":
         described.record(event, **exception)
     elif event == "task_dead_lettered":
-        described.record(
-            event,
-            reason=fields.get("reason"),
-            dead_letter_queue=fields.get("queue"),
-            **exception,
-        )
+        if _wanted(event):
+            envelope: Any = fields.get("envelope") or {}
+            raised: Any = envelope.get("exception") if _is_mapping(envelope) else None
+            trace = raised.get("traceback") if _is_mapping(raised) else None
+            described.emit(
+                event,
+                reason=fields.get("reason"),
+                dead_letter_queue=fields.get("queue"),
+                **exception,
+                traceback=str(trace).rstrip() if trace else None,
+            )
     elif event == "task_hard_time_limit":
         described.record(event, timeout=fields.get("timeout"), **exception)
     elif event == "task_deferred":
@@ -725,7 +873,11 @@ def connect(*, plain_tasks: bool = True) -> None:
     correlation id). It connects receivers to Celery's ``task_prerun``, ``task_postrun``,
     ``task_failure``, ``task_revoked``, ``task_rejected``, ``task_unknown`` and
     ``before_task_publish`` signals and a listener to the library's own
-    events; it does not configure structlog or ``logging``.
+    events; it does not configure structlog or ``logging``. Until structlog is configured the
+    events are logged with ``logging`` (logger :data:`LOGGER_NAME`), at their levels. It adds
+    a filter to Celery's ``celery.app.trace`` logger that drops Celery's ``raised unexpected``
+    line of a library task's failure, which the events tell at ERROR with the traceback
+    (the app setting :data:`CELERY_FAILURE_LOG_SETTING` keeps it).
 
     ``plain_tasks=False`` is for workers whose tasks are all library tasks
     (:class:`~resilient_tasks.ResilientTask` or :class:`ObservabilityMixin`): it leaves out
@@ -755,6 +907,12 @@ def connect(*, plain_tasks: bool = True) -> None:
             signal.disconnect(receiver, dispatch_uid=uid)
     if _on_library_event not in _events.listeners:
         _events.listeners.append(_on_library_event)
+    trace_logger = logging.getLogger(CELERY_TRACE_LOGGER)
+    if _celery_failure_line not in trace_logger.filters:
+        trace_logger.addFilter(_celery_failure_line)
+    for name in HARD_LIMIT_LOGGERS:
+        if _celery_hard_limit_line not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_celery_hard_limit_line)
     _state["connected"] = True
     _state["plain_tasks"] = plain_tasks
 
@@ -773,6 +931,9 @@ def disconnect() -> None:
         signal.disconnect(receiver, dispatch_uid=_UID + receiver.__name__)
     while _on_library_event in _events.listeners:
         _events.listeners.remove(_on_library_event)
+    logging.getLogger(CELERY_TRACE_LOGGER).removeFilter(_celery_failure_line)
+    for name in HARD_LIMIT_LOGGERS:
+        logging.getLogger(name).removeFilter(_celery_hard_limit_line)
     _occurrences.clear()
     _finishing.set(None)
     _state["connected"] = False
@@ -840,15 +1001,48 @@ def configure_logging(*, json: bool = True) -> None:
         cache_logger_on_first_use=True,
     )
     tail: list[structlog.typing.Processor] = [
+        _add_process_name,
         structlog.stdlib.ProcessorFormatter.remove_processors_meta,
     ]
     if json:
-        tail.append(structlog.processors.format_exc_info)
+        tail.append(_exception_and_traceback)
     _formatter["current"] = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared, processors=[*tail, renderer]
     )
     for signal in (signals.after_setup_logger, signals.after_setup_task_logger):
         signal.connect(_use_structlog_formatter, weak=False, dispatch_uid=_UID + signal.name)
+
+
+def _add_process_name(
+    _logger: Any, _name: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """``process_name``: the ``logging`` record's (``MainProcess``, ``ForkPoolWorker-1``), as
+    Celery's own format shows it."""
+    record = event_dict.get("_record")
+    if record is not None:
+        event_dict.setdefault("process_name", record.processName)
+    return event_dict
+
+
+def _exception_and_traceback(
+    _logger: Any, _name: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """A line logged with ``exc_info`` (Celery's, or ``logger.exception``) as the library's
+    events say it: ``exception`` is ``"Type: message"``, ``exception_type`` the qualified
+    type, and the traceback is in ``traceback``."""
+    exc_info = event_dict.pop("exc_info", None)
+    if not exc_info:
+        return event_dict
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    elif isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    if not isinstance(exc_info, tuple) or exc_info[1] is None:
+        return event_dict
+    for key, value in _exception(exc_info[1]).items():
+        event_dict.setdefault(key, value)
+    event_dict.setdefault("traceback", "".join(traceback.format_exception(*exc_info)).rstrip())
+    return event_dict
 
 
 def _use_structlog_formatter(sender: Any = None, logger: Any = None, **_: Any) -> None:

@@ -276,7 +276,7 @@ def test_the_event_table_is_the_documented_one() -> None:
         "task_failed": "error",
         "task_dead_lettered": "error",
         "task_soft_time_limit": "warning",
-        "task_hard_time_limit": "error",
+        "task_hard_time_limit": "warning",
         "task_worker_lost": "warning",
         "task_revoked": "warning",
         "task_rejected": "warning",
@@ -453,7 +453,26 @@ def test_a_worker_side_event_reads_the_worker_request(events: CapturedEvents) ->
         "dead_letter_queue": "invoices.dlq",
         "exception": "ConnectionError: down",
         "exception_type": "ConnectionError",
+        "traceback": None,
     }
+
+
+def test_a_dead_letter_carries_the_traceback_of_its_envelope(events: CapturedEvents) -> None:
+    request = worker_request(boom, "dl-2", retries=0, queue="invoices")
+    trace = 'Traceback (most recent call last):\n  File "t.py", line 1\nKeyError: 1\n'
+
+    _events.emit(
+        "task_dead_lettered",
+        request=request,
+        reason="exception",
+        queue="invoices.dlq",
+        exception=KeyError(1),
+        envelope={"exception": {"traceback": trace}},
+    )
+
+    (event,) = events
+    assert event["traceback"] == trace.rstrip()
+    assert event["exception"] == "KeyError: 1"
 
 
 def test_a_retry_carries_its_delay_and_exception(events: CapturedEvents) -> None:
@@ -785,6 +804,51 @@ def test_importing_and_connecting_never_configure_structlog(tmp_path: Path) -> N
     )
 
     assert run.returncode == 0, run.stderr
+
+
+def test_connect_alone_logs_through_logging_at_the_events_level(tmp_path: Path) -> None:
+    run = run_python(
+        """
+        import logging, sys
+        from resilient_tasks import _events, observability
+        logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+        observability.connect()
+        _events.emit("circuit_opened", breaker="crm", calls=9, failures=9)
+        _events.emit("circuit_closed", breaker="crm")  # info: below basicConfig's WARNING
+        print("stdout is empty", file=sys.stdout)
+        """,
+        tmp_path,
+    )
+
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "stdout is empty\n"
+    assert run.stderr.splitlines() == [
+        "WARNING resilient_tasks.events circuit_opened breaker='crm' calls=9 failures=9"
+    ]
+
+
+def test_configure_logging_json_keeps_the_process_name_and_splits_the_traceback(
+    tmp_path: Path,
+) -> None:
+    run = run_python(
+        SETUP_AS_A_WORKER.format(json=True)
+        + """
+    try:
+        raise KeyError("no such customer")
+    except KeyError:
+        logging.getLogger("celery.app.trace").exception("Task t-1 raised unexpected")
+    """,
+        tmp_path,
+    )
+
+    lines = [json.loads(line) for line in run.stderr.splitlines()]
+    assert run.returncode == 0, run.stderr
+    assert {line["process_name"] for line in lines} == {"MainProcess"}
+    failed = lines[-1]
+    assert failed["exception"] == "KeyError: 'no such customer'"
+    assert failed["exception_type"] == "KeyError"
+    assert failed["traceback"].startswith("Traceback (most recent call last):")
+    assert failed["traceback"].endswith("KeyError: 'no such customer'")
 
 
 # -- the testing helpers ---------------------------------------------------------------------------

@@ -22,6 +22,9 @@ from support.worker import Worker, WorkerRunner
 
 APP = "apps.events_app"
 IDENTITY = {*CONTEXT_KEYS, "hostname"}
+#: The app's plain ``celery.Task`` tasks. Its library tasks are dead-lettered, and the error line
+#: of their failure is task_dead_lettered's: their task_failed is at info.
+PLAIN_TASKS = {"ev.plain_hard", "ev.plain_context"}
 pytestmark = pytest.mark.worker
 
 
@@ -74,7 +77,8 @@ def names(events: list[dict[str, Any]]) -> list[tuple[str, int]]:
 def assert_identity(events: list[dict[str, Any]], worker: Worker, task: str, task_id: str) -> None:
     for event in events:
         assert set(event) >= IDENTITY, event
-        assert event["level"] == EVENTS[event["event"]]
+        dead_lettered = event["event"] == "task_failed" and task not in PLAIN_TASKS
+        assert event["level"] == ("info" if dead_lettered else EVENTS[event["event"]])
         assert (event["task_id"], event["task_name"], event["queue"]) == (
             task_id,
             task,
@@ -146,6 +150,21 @@ def assert_failure_then_dead_letter(worker: Worker) -> None:
     assert events[2]["dead_letter_queue"] == f"{worker.queue}.dlq"
     assert events[2]["exception"] == "KeyError: 'no such customer'"
     assert "hunter2" not in worker.output_text()
+    assert_one_error_line(worker, result.id)
+
+
+def assert_one_error_line(worker: Worker, task_id: str) -> None:
+    """One JSON line at error for the failure: task_dead_lettered, with the traceback in its
+    own key, and the process that wrote it (Celery's ``raised unexpected`` line is not)."""
+    lines = [line for line in log_lines(worker) if task_id in json.dumps(line)]
+    (error,) = [line for line in lines if line["level"] in {"error", "critical"}]
+    assert error["event"] == "task_dead_lettered"
+    assert error["process_name"] == "MainProcess"
+    assert error["exception"] == "KeyError: 'no such customer'"
+    assert error["traceback"].startswith("Traceback (most recent call last):")
+    assert error["traceback"].endswith("KeyError: 'no such customer'")
+    (failed,) = [line for line in lines if line.get("event") == "task_failed"]
+    assert failed["process_name"].startswith("ForkPoolWorker-")
 
 
 def test_a_soft_time_limit(worker: Worker) -> None:

@@ -72,6 +72,14 @@ class StepsMixin(_TaskBase):  # type: ignore[misc]
         super().__init_subclass__(**kwargs)
         cls._step_run_directly = _next_call_is_celerys(cls)
 
+    @classmethod
+    def on_bound(cls, app: Any) -> None:
+        super().on_bound(app)
+        # The worker serves Prometheus metrics if the app names a port (resilient_tasks.metrics).
+        from .metrics import MetricsStep
+
+        app.steps["worker"].add(MetricsStep)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Kept short on purpose: billiard copies the position table of every frame of a failed
         # task's traceback into what the pool child sends its main process (the bigger this

@@ -170,10 +170,18 @@ def browse(
 ) -> None:
     from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     flaky, xss, doomed, login = ids
     text = lambda: driver.find_element(By.TAG_NAME, "main").text  # noqa: E731
+
+    def follow(by: str, value: str) -> None:
+        """Click what leads to another page, and wait until the browser has left this one
+        (a click returns before the next page is there)."""
+        page = driver.find_element(By.TAG_NAME, "html")
+        driver.find_element(by, value).click()
+        WebDriverWait(driver, 30).until(expected_conditions.staleness_of(page))
 
     # The counts.
     driver.get(url + "/")
@@ -182,11 +190,11 @@ def browse(
     shot(driver, "stats")
 
     # The list, then filtered by reason.
-    driver.find_element(By.LINK_TEXT, "List").click()
+    follow(By.LINK_TEXT, "List")
     assert all(task_id in text() for task_id in (flaky, xss, doomed, login))
     shot(driver, "list")
     Select(driver.find_element(By.NAME, "reason")).select_by_value("retries_exhausted")
-    driver.find_element(By.CSS_SELECTOR, "form.filters button").click()
+    follow(By.CSS_SELECTOR, "form.filters button")
     assert "reason=retries_exhausted" in driver.current_url
     assert flaky in text()
     assert xss not in text()
@@ -194,7 +202,7 @@ def browse(
 
     # One dead letter: the script argument is text, and never runs.
     driver.get(f"{url}/letters")
-    driver.find_element(By.LINK_TEXT, xss).click()
+    follow(By.LINK_TEXT, xss)
     assert XSS in driver.find_element(By.CSS_SELECTOR, "code.args").text
     assert "NotImplementedError" in text()
     assert "Traceback" in driver.find_element(By.CSS_SELECTOR, "pre.traceback").text
@@ -210,10 +218,10 @@ def browse(
     # Replay one, the bug fixed: it runs again on the worker.
     broken.unlink()
     driver.get(f"{url}/letters/{flaky}")
-    driver.find_element(By.LINK_TEXT, "Replay…").click()
+    follow(By.LINK_TEXT, "Replay…")
     assert "Replay 1 dead letter?" in text()
     shot(driver, "confirm-replay")
-    driver.find_element(By.XPATH, "//button[text()='Yes, replay 1']").click()
+    follow(By.XPATH, "//button[text()='Yes, replay 1']")
     assert "Replayed 1 of 1" in text()
     worker.wait_for(
         lambda: any(a.get("n") == 1 for a in worker.attempts()), 60, "the replayed task to run"
@@ -221,18 +229,18 @@ def browse(
 
     # Purge one, after confirming.
     driver.get(f"{url}/letters/{doomed}")
-    driver.find_element(By.LINK_TEXT, "Purge…").click()
+    follow(By.LINK_TEXT, "Purge…")
     assert "Purge 1 dead letter?" in text()
     assert "no undo" in text()
     shot(driver, "confirm-purge")
-    driver.find_element(By.XPATH, "//button[text()='Yes, purge 1']").click()
+    follow(By.XPATH, "//button[text()='Yes, purge 1']")
     assert "Purged 1 dead letter for good" in text()
     assert sorted(letter.id for letter in letters.list()) == sorted([xss, login])
 
     # A POST without the CSRF token is refused, and changes nothing.
     driver.get(f"{url}/purge?id={xss}")
     driver.execute_script("document.querySelector('input[name=csrf_token]').remove()")
-    driver.find_element(By.XPATH, "//button[text()='Yes, purge 1']").click()
+    follow(By.XPATH, "//button[text()='Yes, purge 1']")
     assert "Error 403" in text()
     assert "CSRF" in text()
     assert sorted(letter.id for letter in letters.list()) == sorted([xss, login])

@@ -157,7 +157,9 @@ def test_the_registry_holds_each_name_once_however_often_it_is_recorded(broker: 
 
         assert recorded_dead_letter_queues(app) == ("audit.dlq", "bulk.dlq")
         assert recorded_dead_letter_queues(app) == ("audit.dlq", "bulk.dlq")
-        assert dead_letter_queues(app) == (), "recorded queues that do not exist were listed"
+        # (The app's routes imply others when a shared task of another test module is loaded.)
+        listed = set(dead_letter_queues(app))
+        assert not listed & {"audit.dlq", "bulk.dlq"}, "recorded queues that do not exist listed"
         with Connection(broker.url) as conn:
             if broker.kind == "rabbitmq":
                 depth = conn.default_channel.queue_declare(registry, passive=True).message_count

@@ -168,7 +168,7 @@ def browse(
     letters: DeadLetters,
     ids: tuple[str, str, str, str],
 ) -> None:
-    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.common.exceptions import NoAlertPresentException, WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -177,11 +177,21 @@ def browse(
     text = lambda: driver.find_element(By.TAG_NAME, "main").text  # noqa: E731
 
     def follow(by: str, value: str) -> None:
-        """Click what leads to another page, and wait until the browser has left this one
-        (a click returns before the next page is there)."""
+        """Click what leads to another page, and wait until the next page is there (a click
+        returns before it is). Under load chromium may refuse a click on a page it is still
+        settling ("Node ... does not belong to the document"): that click did nothing, so
+        it is made again."""
         page = driver.find_element(By.TAG_NAME, "html")
-        driver.find_element(by, value).click()
+
+        def clicked(_: Any) -> bool:
+            driver.find_element(by, value).click()
+            return True
+
+        WebDriverWait(driver, 30, ignored_exceptions=(WebDriverException,)).until(clicked)
         WebDriverWait(driver, 30).until(expected_conditions.staleness_of(page))
+        WebDriverWait(driver, 30).until(
+            lambda d: d.execute_script("return document.readyState") == "complete"
+        )
 
     # The counts.
     driver.get(url + "/")

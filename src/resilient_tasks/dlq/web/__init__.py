@@ -254,14 +254,7 @@ class DeadLetterConsole:
             query = {k: v for k, v in request.args.items(multi=True) if k != "token"}
             target = request.base_url + ("?" + urlencode(query) if query else "")
             response = Response(status=303, headers={"Location": target})
-            response.set_cookie(
-                _TOKEN_COOKIE,
-                given,
-                path=self._cookie_path(request),
-                httponly=True,
-                samesite="Strict",
-                secure=request.is_secure,
-            )
+            self._set_cookie(request, response, _TOKEN_COOKIE, given)
             return response
         bearer = request.headers.get("Authorization", "")
         if bearer.startswith("Bearer ") and self._is_token(bearer[len("Bearer ") :].strip()):
@@ -277,8 +270,17 @@ class DeadLetterConsole:
         assert self.token is not None
         return hmac.compare_digest(given.encode(), self.token.encode())
 
-    def _cookie_path(self, request: Request) -> str:
-        return (request.script_root or "") + "/"
+    def _set_cookie(self, request: Request, response: Response, name: str, value: str) -> None:
+        """A cookie of the console's own: under its mount only, out of scripts' and other
+        sites' reach, and over HTTPS only where the console is served so."""
+        response.set_cookie(
+            name,
+            value,
+            path=(request.script_root or "") + "/",
+            httponly=True,
+            samesite="Strict",
+            secure=request.is_secure,
+        )
 
     def _csrf_for(self, nonce: str) -> str:
         return hmac.new(self._secret, nonce.encode(), hashlib.sha256).hexdigest()
@@ -308,14 +310,7 @@ class DeadLetterConsole:
         html = self._templates.get_template(template).render({**shared, **context})
         response = Response(html, status=status, mimetype="text/html")
         if request.cookies.get(_CSRF_COOKIE) != nonce:
-            response.set_cookie(
-                _CSRF_COOKIE,
-                nonce,
-                path=self._cookie_path(request),
-                httponly=True,
-                samesite="Strict",
-                secure=request.is_secure,
-            )
+            self._set_cookie(request, response, _CSRF_COOKIE, nonce)
         return response
 
     def _error(self, request: Request, status: int, message: str) -> Response:

@@ -39,7 +39,13 @@ VARIANTS: dict[str, tuple[str, bool | str, bool]] = {
     "plain_failing": ("bench.plain_failing", False, False),
     "failing_no_dlq": ("bench.failing_no_dlq", True, False),
     "failing": ("bench.failing", True, True),
+    # Each fails once and succeeds on its retry a second later: two runs a task.
+    "retry_broker": ("bench.retry_once", True, False),
+    "retry_worker": ("bench.retry_once_worker", True, False),
+    "plain_autoretry": ("bench.plain_retry_once", False, False),
 }
+#: How many times each task of a variant runs.
+RUNS = {"retry_broker": 2, "retry_worker": 2, "plain_autoretry": 2}
 
 
 def measure(site: workload.Site, label: str, tasks: int) -> dict[str, Any]:
@@ -56,7 +62,8 @@ def measure(site: workload.Site, label: str, tasks: int) -> dict[str, Any]:
         if until_dead_lettered:
             run.wait_for_depth(f"{run.queue}.dlq", tasks, 120 + tasks / 10, "the dead letters")
         else:
-            run.wait(lambda: run.slots().count >= tasks, 120 + tasks / 10, f"{tasks} x {task}")
+            runs = RUNS.get(label, 1) * tasks
+            run.wait(lambda: run.slots().count >= runs, 120 + runs / 10, f"{runs} runs of {task}")
         seconds = time.time() - began
         used = {
             role: sum(map(workload.cpu_seconds, ps)) - before[role] for role, ps in pids.items()

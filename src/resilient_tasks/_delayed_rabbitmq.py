@@ -60,7 +60,7 @@ _WILDCARDS = frozenset("*#")
 SENTINEL = "resilient_tasks"
 #: An exchange of a delay topology (any prefix).
 TOPOLOGY_EXCHANGE = re.compile(
-    r"(?:.+_)?(?:celery_delayed_(?:\d+|delivery)|resilient_tasks_delayed_\d+ms)"
+    r"(?:.+_)?(?:celery_delayed_(?:\d+|delivery)|resilient_tasks_delayed_(?:\d+ms|levels))"
 )
 #: The library's own levels below a second, in milliseconds, longest first: a message whose
 #: delay is not a whole number of seconds goes through those its remainder needs (in steps of
@@ -69,7 +69,10 @@ TOPOLOGY_EXCHANGE = re.compile(
 FRACTION_LEVELS = (512, 256, 128, 64)
 #: The header that routes a message through (``"1"``) or past (``"0"``) a level below a second.
 FRACTION_HEADER = "resilient_tasks_delay_{}ms"
-_FRACTION_HEADERS = tuple(FRACTION_HEADER.format(ms) for ms in FRACTION_LEVELS)
+#: The header naming the whole-second level a message goes on to after the levels below a
+#: second (its delay's highest binary digit), or ``"none"`` for the delivery exchange.
+LEVEL_HEADER = "resilient_tasks_delay_level"
+_FRACTION_HEADERS = (*(FRACTION_HEADER.format(ms) for ms in FRACTION_LEVELS), LEVEL_HEADER)
 
 
 class Topology:
@@ -136,13 +139,34 @@ class Topology:
         """Where a message is published whose delay is not a whole number of seconds."""
         return self.fraction(FRACTION_LEVELS[0])
 
+    @property
+    def levels(self) -> str:
+        """The exchange that hands a message from the levels below a second to the first
+        whole-second level it waits in (:data:`LEVEL_HEADER`)."""
+        name = "resilient_tasks_delayed_levels"
+        return f"{self.prefix}_{name}" if self.prefix else name
+
+    def start(self, seconds: int) -> str:
+        """The exchange a message delayed by ``seconds`` whole seconds is published to: that
+        of the level of its highest binary digit. Kombu publishes to the longest level's, whose
+        message then passes every level above its digits (an exchange hop each, which costs
+        RabbitMQ more than the rest of the delay); the levels route it the same either way."""
+        return self.level(seconds.bit_length() - 1) if seconds else self.delivery
+
     def declare_fractions(self, channel: Any) -> None:
         """Declare the levels below a second: headers exchanges (the routing key is left for
-        the whole-second levels, which the last of these hands the message to), each with a
-        queue of that TTL and a way past it (idempotent)."""
-        onward = [self.fraction(ms) for ms in FRACTION_LEVELS[1:]] + [self.entry]
-        for ms in FRACTION_LEVELS:
-            channel.exchange_declare(self.fraction(ms), "headers", durable=True, auto_delete=False)
+        the whole-second levels), each with a queue of that TTL and a way past it, and the
+        exchange after the last, which hands the message to its first whole-second level
+        (idempotent; the whole-second levels are declared first)."""
+        onward = [self.fraction(ms) for ms in FRACTION_LEVELS[1:]] + [self.levels]
+        for name in [*map(self.fraction, FRACTION_LEVELS), self.levels]:
+            channel.exchange_declare(name, "headers", durable=True, auto_delete=False)
+        for level in range(BITS):
+            to_level = {"x-match": "all", LEVEL_HEADER: str(level)}
+            channel.exchange_bind(self.level(level), self.levels, "", arguments=to_level)
+        channel.exchange_bind(
+            self.delivery, self.levels, "", arguments={"x-match": "all", LEVEL_HEADER: "none"}
+        )
         for ms, after in zip(FRACTION_LEVELS, onward, strict=True):
             name, header = self.fraction(ms), FRACTION_HEADER.format(ms)
             arguments: dict[str, Any] = {
@@ -163,7 +187,8 @@ class Topology:
 
     def delete(self, channel: Any) -> None:
         """Delete the topology and every message waiting in it (for tests and teardown)."""
-        for name in [*self.names(), self.delivery, *map(self.fraction, FRACTION_LEVELS)]:
+        fractions = [*map(self.fraction, FRACTION_LEVELS), self.levels]
+        for name in [*self.names(), self.delivery, *fractions]:
             channel.queue_delete(name)
             channel.exchange_delete(name)
 
@@ -196,10 +221,14 @@ def waits(delay: float) -> float:
     return seconds + steps * FRACTION_LEVELS[-1] / 1000
 
 
-def fraction_headers(steps: int) -> dict[str, str]:
-    """The headers that take a message through the levels below a second ``steps`` needs."""
+def fraction_headers(seconds: int, steps: int) -> dict[str, str]:
+    """The headers that take a message through the levels below a second ``steps`` needs,
+    then to the first whole-second level of ``seconds``."""
     bits = format(steps, f"0{len(FRACTION_LEVELS)}b")
-    return dict(zip(_FRACTION_HEADERS, bits, strict=True))
+    through = {
+        FRACTION_HEADER.format(ms): bit for ms, bit in zip(FRACTION_LEVELS, bits, strict=True)
+    }
+    return {**through, LEVEL_HEADER: str(seconds.bit_length() - 1) if seconds else "none"}
 
 
 def bindable(queue: str) -> bool:
@@ -335,10 +364,14 @@ class _Delaying:
         if not self._prepared(topology, queue, options):
             return self._producer.publish(body, **options)
         options.update(
-            exchange=topology.fraction_entry if steps else topology.entry,
+            exchange=topology.fraction_entry if steps else topology.start(seconds),
             routing_key=routing_key(seconds, queue.name),
             declare=[],
-            headers={**headers, **fraction_headers(steps), ROUTE_HEADER: [exchange_name, key]},
+            headers={
+                **headers,
+                **(fraction_headers(seconds, steps) if steps else {}),
+                ROUTE_HEADER: [exchange_name, key],
+            },
         )
         return self._producer.publish(body, **options)
 

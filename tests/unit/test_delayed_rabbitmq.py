@@ -170,13 +170,16 @@ def test_a_message_through_the_topology_gets_its_own_route_back() -> None:
 
 
 def test_a_remainder_below_a_second_takes_the_levels_its_64_ms_steps_name() -> None:
-    # 5 steps = 320 ms = 256 + 64: through those two levels, past 512 and 128.
-    assert fraction_headers(5) == {
+    # 5 steps = 320 ms = 256 + 64: through those two levels, past 512 and 128; then 6 s
+    # (binary 110) from the level of 4 s.
+    assert fraction_headers(6, 5) == {
         "resilient_tasks_delay_512ms": "0",
         "resilient_tasks_delay_256ms": "1",
         "resilient_tasks_delay_128ms": "0",
         "resilient_tasks_delay_64ms": "1",
+        "resilient_tasks_delay_level": "2",
     }
+    assert fraction_headers(0, 1)["resilient_tasks_delay_level"] == "none"
 
 
 def test_the_levels_below_a_second_hand_a_message_to_the_whole_second_levels() -> None:
@@ -189,9 +192,13 @@ def test_the_levels_below_a_second_hand_a_message_to_the_whole_second_levels() -
         "billing_resilient_tasks_delayed_128ms": 128,
         "billing_resilient_tasks_delayed_64ms": 64,
     }
-    # Each level dead-letters to the next, and the last to the whole-second levels' entry.
+    # Each level dead-letters to the next, and the last to the exchange that hands the
+    # message to its first whole-second level.
     assert queues["billing_resilient_tasks_delayed_64ms"]["x-dead-letter-exchange"] == (
-        "billing_celery_delayed_27"
+        "billing_resilient_tasks_delayed_levels"
+    )
+    assert ("e2e", "billing_celery_delayed_3", "billing_resilient_tasks_delayed_levels", "") in (
+        declared.calls
     )
     assert queues["billing_resilient_tasks_delayed_512ms"]["x-dead-letter-exchange"] == (
         "billing_resilient_tasks_delayed_256ms"
@@ -206,3 +213,11 @@ def test_a_message_arrives_without_the_headers_that_routed_it() -> None:
     assert restore_route(message)
     assert "resilient_tasks_delay_64ms" not in message.headers
     assert message.delivery_info["routing_key"] == "billing"
+
+
+@pytest.mark.parametrize(("seconds", "exchange"), [(1, "celery_delayed_0"), (6, "celery_delayed_2"),
+                                                   (2**27, "celery_delayed_27")])  # fmt: skip
+def test_a_message_starts_at_the_level_of_its_delays_highest_digit(
+    seconds: int, exchange: str
+) -> None:
+    assert Topology().start(seconds) == exchange

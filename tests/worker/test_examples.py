@@ -60,7 +60,8 @@ def test_quickstart_retries_succeeds_and_gives_up(broker: Broker, tmp_path: Path
 CELERY_VERSION = tuple(int(part) for part in celery.__version__.split(".")[:2])
 # Celery's levels and the library's own below a second (the examples may make both).
 DELAYED_DELIVERY = [f"celery_delayed_{level}" for level in range(28)] + [
-    Topology().fraction(ms) for ms in FRACTION_LEVELS
+    *(Topology().fraction(ms) for ms in FRACTION_LEVELS),
+    Topology().levels,
 ]
 
 

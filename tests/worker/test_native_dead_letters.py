@@ -23,6 +23,7 @@ CELERY = tuple(int(p) for p in celery.__version__.split(".")[:2])
 CELERY_DELAYED_DELIVERY = [f"celery_delayed_{level}" for level in range(28)] + [
     "celery_delayed_delivery",
     *(Topology().fraction(ms) for ms in FRACTION_LEVELS),
+    Topology().levels,
 ]
 
 

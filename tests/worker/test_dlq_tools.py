@@ -650,7 +650,9 @@ def test_messages_the_broker_dead_lettered_are_read_and_replayed(tools: Tools) -
     )
     with tools.client.connection_for_write() as conn:
         channel = conn.default_channel
-        Queue(tools.dlq, durable=True, channel=channel).declare()
+        Queue(
+            tools.dlq, exchange="", routing_key=tools.dlq, durable=True, channel=channel
+        ).declare()
         dead_lettering = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": tools.dlq}
         bound = Queue(source, durable=True, queue_arguments=dead_lettering, channel=channel)
         bound.declare()

@@ -93,6 +93,9 @@ class Broker:
                     channel.queue_delete(name)
                     channel.exchange_delete(name)
                     channel.queue_delete(f"{name}.dlq")
+                    # A task sent to the dead-letter queue itself (a live task where it does
+                    # not belong) makes Celery declare an exchange of its name too.
+                    channel.exchange_delete(f"{name}.dlq")
                 Topology(self.prefix).delete(channel)
                 channel.queue_delete(self.registry)
         elif self.kind == "redis":

@@ -45,7 +45,7 @@ class Consumer:
 
 @pytest.fixture
 def app() -> Celery:
-    app = Celery("unreadable", set_as_current=False)
+    app = Celery("unreadable", broker="memory://", set_as_current=False)
     app.conf.result_backend = "cache+memory://"
     app.finalize()
     return app
@@ -78,6 +78,14 @@ def published(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]
 
     monkeypatch.setattr(strategy, "publish_envelope", publish)
     return sent
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The dead-letter queues recorded for the tools (``resilient_tasks.dlq.registry``)."""
+    queues: list[str] = []
+    monkeypatch.setattr(strategy, "record_dead_letter_queue", lambda app, q: queues.append(q))
+    return queues
 
 
 def handler(
@@ -144,6 +152,7 @@ def test_an_unreadable_message_is_dead_lettered_then_acknowledged(
     task: Any,
     published: list[tuple[str, dict[str, Any]]],
     given_up: list[FailureDetails],
+    recorded: list[str],
     monkeypatch: pytest.MonkeyPatch,
     error: Exception,
 ) -> None:
@@ -155,6 +164,7 @@ def test_an_unreadable_message_is_dead_lettered_then_acknowledged(
     assert settled.calls == [("ack", ())]
     ((queue, envelope),) = published
     assert queue == "billing.dlq"
+    assert recorded == ["billing.dlq"]  # the tools find the queue
     assert envelope["reason"] == "exception"
     assert envelope["exception"]["type"] == f"{type(error).__module__}.{type(error).__name__}"
     assert envelope["task"]["id"] == message.headers["id"]

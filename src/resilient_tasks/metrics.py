@@ -246,18 +246,11 @@ class _BrokerGauges:
             return default
 
     def _depths(self) -> list[tuple[str, int]]:
-        from .dlq import DeadLetters
-        from .dlq.selection import dead_letter_queues
+        from .dlq.selection import dead_letter_queues, queue_depths
 
+        # The registry is read once here, not again for every queue it names.
         seen = sorted(self.counts.dead_letter_queues)
-        queues = dict.fromkeys([*dead_letter_queues(self.app), *seen])
-        found = []
-        for queue in queues:
-            try:
-                found.append((queue, DeadLetters(self.app, [queue]).count()))
-            except LookupError:  # QueueNotFound: nothing was dead-lettered there yet
-                found.append((queue, 0))
-        return found
+        return list(queue_depths(self.app, [*dead_letter_queues(self.app), *seen]).items())
 
     def _delayed(self) -> list[tuple[str, int]]:
         from .delayed import delayed_stats

@@ -4,17 +4,20 @@ its filters (task, id, reason, limit) select."""
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .model import REASONS, DeadLetter, UnknownReason
-from .readers import _reader
+from .readers import _Reader, _reader
 from .registry import recorded_dead_letter_queues
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["dead_letter_queues", "routed_dead_letter_queues"]
+__all__ = ["dead_letter_queues", "queue_depths", "routed_dead_letter_queues"]
+
+_T = TypeVar("_T")
 
 
 def dead_letter_queues(app: Celery) -> tuple[str, ...]:
@@ -51,9 +54,26 @@ def dead_letter_queues(app: Celery) -> tuple[str, ...]:
 
 
 def _exists(connection: Any, queue: str) -> bool:
+    return _ask(connection, queue, lambda reader: reader.exists())
+
+
+def queue_depths(app: Celery, queues: Iterable[str]) -> dict[str, int]:
+    """How many messages each of ``queues`` holds now (0: none, or no such queue), asked on one
+    connection; no other broker read (the registry is not read again).
+
+    Example::
+
+        queue_depths(app, dead_letter_queues(app))  # {'billing.dlq': 3, 'bulk.dlq': 0}
+    """
+    with app.connection_for_read() as connection:
+        return {queue: _ask(connection, queue, lambda reader: reader.count()) for queue in queues}
+
+
+def _ask(connection: Any, queue: str, question: Callable[[_Reader], _T]) -> _T:
+    """``question(reader)`` of ``queue``'s reader, closed after."""
     reader = _reader(connection, queue)
     try:
-        return reader.exists()
+        return question(reader)
     finally:
         reader.close()
 

@@ -86,14 +86,16 @@ class Topology:
     def of(cls, app: Celery) -> Topology:
         return cls(app.conf.get(PREFIX_SETTING), app.conf.get(QUEUE_TYPE_SETTING) or "quorum")
 
+    def _named(self, name: str) -> str:
+        """``name`` with the topology's prefix, as Kombu's ``level_name`` prefixes it."""
+        return f"{self.prefix}_{name}" if self.prefix else name
+
     def level(self, level: int) -> str:
-        return f"{self.prefix}_celery_delayed_{level}" if self.prefix else f"celery_delayed_{level}"
+        return self._named(f"celery_delayed_{level}")
 
     @property
     def delivery(self) -> str:
-        return (
-            f"{self.prefix}_celery_delayed_delivery" if self.prefix else "celery_delayed_delivery"
-        )
+        return self._named("celery_delayed_delivery")
 
     @property
     def entry(self) -> str:
@@ -131,8 +133,7 @@ class Topology:
 
     def fraction(self, ms: int) -> str:
         """The exchange and queue of the library's level of ``ms`` milliseconds."""
-        name = f"resilient_tasks_delayed_{ms}ms"
-        return f"{self.prefix}_{name}" if self.prefix else name
+        return self._named(f"resilient_tasks_delayed_{ms}ms")
 
     @property
     def fraction_entry(self) -> str:
@@ -143,8 +144,7 @@ class Topology:
     def levels(self) -> str:
         """The exchange that hands a message from the levels below a second to the first
         whole-second level it waits in (:data:`LEVEL_HEADER`)."""
-        name = "resilient_tasks_delayed_levels"
-        return f"{self.prefix}_{name}" if self.prefix else name
+        return self._named("resilient_tasks_delayed_levels")
 
     def start(self, seconds: int) -> str:
         """The exchange a message delayed by ``seconds`` whole seconds is published to: that

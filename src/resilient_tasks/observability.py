@@ -674,6 +674,15 @@ def _is_library_task(task: Any) -> bool:
     return isinstance(task, ObservabilityMixin)
 
 
+def _replaces_celerys_line(task: Any, event: str, level: str | None = None) -> bool:
+    """Whether ``event`` (logged at ``level``, else its own) says for ``task`` what a line of
+    Celery's says, so that line is dropped: a library task, of an app that does not keep
+    Celery's lines (:data:`CELERY_FAILURE_LOG_SETTING`), and the event is logged."""
+    if task is None or not _is_library_task(task):
+        return False
+    return not task.app.conf.get(CELERY_FAILURE_LOG_SETTING) and _wanted(event, level)
+
+
 class _CeleryFailureLine(logging.Filter):
     """Drops Celery's ``Task ... raised unexpected: ...`` error line (logger
     ``celery.app.trace``, written in the pool child after ``task_failure``) for a library task,
@@ -688,13 +697,10 @@ class _CeleryFailureLine(logging.Filter):
         if not isinstance(data, dict) or data.get("description") != "raised unexpected":
             return True
         task = current_task._get_current_object()
-        if task is None or not _is_library_task(task):
+        if task is None or getattr(task.request, "id", None) != data.get("id"):
             return True
-        if getattr(task.request, "id", None) != data.get("id"):
-            return True
-        if task.app.conf.get(CELERY_FAILURE_LOG_SETTING):
-            return True
-        return not _wanted("task_dead_lettered" if _dead_letters(task) else "task_failed", "error")
+        event = "task_dead_lettered" if _dead_letters(task) else "task_failed"
+        return not _replaces_celerys_line(task, event, "error")
 
 
 _celery_failure_line = _CeleryFailureLine()
@@ -712,11 +718,7 @@ class _CeleryHardLimitLine(logging.Filter):
         if len(record.args) != 3:
             return True
         task = current_app.tasks.get(str(record.args[1]))
-        if task is None or not _is_library_task(task):
-            return True
-        if task.app.conf.get(CELERY_FAILURE_LOG_SETTING):
-            return True
-        return not _wanted("task_hard_time_limit")
+        return not _replaces_celerys_line(task, "task_hard_time_limit")
 
 
 _celery_hard_limit_line = _CeleryHardLimitLine()

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 import pytest
+from test_dlq_recognition import message  # a message as the readers hand it over
 
 from resilient_tasks.cli import _stats_text
 from resilient_tasks.dlq import (
@@ -18,7 +19,6 @@ from resilient_tasks.dlq import (
     DeadLetterStats,
     QueueStats,
 )
-from resilient_tasks.dlq.readers import _Message
 from resilient_tasks.dlq.recognition import _letter
 
 
@@ -43,17 +43,9 @@ def broker_letter() -> DeadLetter:
     """A task message RabbitMQ dead-lettered itself (rejected), as the tools present it."""
     death = {"reason": "rejected", "queue": "billing", "exchange": "", "routing-keys": ["billing"],
              "time": "2026-11-21T05:41:17+00:00", "count": 1}  # fmt: skip
-    message = _Message(
-        body=json.dumps([[1], {}, {}]).encode(),
-        headers={"task": "billing.sync", "id": "a1", "x-death": [death]},
-        properties={},
-        content_type="application/json",
-        content_encoding="utf-8",
-        exchange="",
-        routing_key="billing.dlq",
-        token=None,
+    found = _letter(
+        "billing.dlq", message({"task": "billing.sync", "id": "a1", "x-death": [death]}), ()
     )
-    found = _letter("billing.dlq", message, ())
     assert found is not None
     assert found.from_broker
     return found

@@ -20,6 +20,7 @@ import shlex
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -84,6 +85,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--library-events",
         action="store_true",
         help="with --only-ratio: also the resilient task after connect(plain_tasks=False)",
+    )
+    parser.add_argument(
+        "--broker-own-core",
+        action="store_true",
+        help="the brokers on one CPU core, the benchmark and its workers on the others: the "
+        "worker's figures as with the broker on a host of its own",
     )
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--py-spy-tasks", type=int, default=5000, help="0 skips py-spy")
@@ -222,40 +229,50 @@ def main(argv: list[str] | None = None) -> int:
         raw["profile"]["attribution"] = profiling.attribute_inprocess()
         raw["profile"]["pyinstrument"] = profiling.pyinstrument_inprocess(RESULTS)
     sites, raw["skipped"] = workload.available([b for b in args.brokers.split(",") if b])
+    pinned = workload.broker_on_own_core(list(sites)) if args.broker_own_core else nullcontext()
     try:
-        raw["throughput"] = throughput(sites, args)
-        raw["storm"] = {}
-        for kind, site in sites.items():
-            if args.storm_tasks and not args.success_only:
-                say(f"{kind}: retry storm of {args.storm_tasks} tasks")
-                raw["storm"][kind] = _guarded(
-                    workload.retry_storm, site, args.storm_tasks, 500, args.storm_hold_timeout
-                )
-                if args.storm_compare:
-                    raw["storm"][f"{kind}, Celery autoretry"] = _guarded(
-                        workload.retry_storm, site, args.storm_tasks, 500,
-                        args.storm_hold_timeout, 20, "bench.plain_storm",
-                    )  # fmt: skip
-        raw["retry_path"] = {}
-        if args.retry_tasks and not args.success_only:
-            for kind, site in sites.items():
-                say(f"{kind}: the retry path, {args.retry_tasks} tasks failing once")
-                raw["retry_path"].update(
-                    retrypath.measure(site, kind, args.retry_tasks, min(3, args.rounds))
-                )
-        if not args.no_profile and args.py_spy_tasks and not args.success_only:
-            # One broker is enough to see where a worker spends its time.
-            for kind, site in list(sites.items())[:1]:
-                for task in ("bench.resilient", "bench.failing"):
-                    say(f"{kind}: py-spy on a worker running {task}")
-                    raw["profile"][f"py_spy_{kind}_{task.split('.')[1]}"] = _guarded(
-                        profiling.py_spy_worker, site, args.py_spy_tasks, RESULTS, task
-                    )
+        with pinned as placed:
+            raw["config"]["placement"] = placed
+            _measure(raw, sites, args)
     finally:
         for site in sites.values():
             site.close()
     report.write_json(RESULTS / "latest.json", raw)
     return render(raw, args)
+
+
+def _measure(
+    raw: dict[str, Any], sites: dict[str, workload.Site], args: argparse.Namespace
+) -> None:
+    """The worker benchmarks, broker by broker, into ``raw``."""
+    raw["throughput"] = throughput(sites, args)
+    raw["storm"] = {}
+    for kind, site in sites.items():
+        if args.storm_tasks and not args.success_only:
+            say(f"{kind}: retry storm of {args.storm_tasks} tasks")
+            raw["storm"][kind] = _guarded(
+                workload.retry_storm, site, args.storm_tasks, 500, args.storm_hold_timeout
+            )
+            if args.storm_compare:
+                raw["storm"][f"{kind}, Celery autoretry"] = _guarded(
+                    workload.retry_storm, site, args.storm_tasks, 500,
+                    args.storm_hold_timeout, 20, "bench.plain_storm",
+                )  # fmt: skip
+    raw["retry_path"] = {}
+    if args.retry_tasks and not args.success_only:
+        for kind, site in sites.items():
+            say(f"{kind}: the retry path, {args.retry_tasks} tasks failing once")
+            raw["retry_path"].update(
+                retrypath.measure(site, kind, args.retry_tasks, min(3, args.rounds))
+            )
+    if not args.no_profile and args.py_spy_tasks and not args.success_only:
+        # One broker is enough to see where a worker spends its time.
+        for kind, site in list(sites.items())[:1]:
+            for task in ("bench.resilient", "bench.failing"):
+                say(f"{kind}: py-spy on a worker running {task}")
+                raw["profile"][f"py_spy_{kind}_{task.split('.')[1]}"] = _guarded(
+                    profiling.py_spy_worker, site, args.py_spy_tasks, RESULTS, task
+                )
 
 
 def render(raw: dict[str, Any], args: argparse.Namespace) -> int:

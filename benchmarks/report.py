@@ -113,6 +113,8 @@ def markdown(summary: dict[str, Any], chart: str | None) -> str:
         f"Celery {machine['celery']}, Kombu {machine['kombu']}, brokers on loopback.",
         "",
     ]
+    if config.get("placement"):
+        lines += [f"CPU placement: {config['placement']}.", ""]
     if summary.get("note"):
         lines += [f"> **{summary['note']}**", ""]
     lines += [

@@ -9,6 +9,9 @@ is tasks per second from the first attempt to the last retry done (median of ``-
 Example::
 
     python -m benchmarks.retrypath --brokers rabbitmq,redis --tasks 3000 --rounds 3
+
+``--broker-own-core`` puts the brokers on one CPU core and the workers on the others, so the
+broker's work no longer comes out of the worker's CPU, as with a broker on a host of its own.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +72,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--brokers", default="rabbitmq,redis", help="comma-separated")
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--broker-own-core",
+        action="store_true",
+        help="the brokers on one CPU core, the workers on the others (as on a broker host)",
+    )
     args = parser.parse_args(argv)
     sites, skipped = workload.available(args.brokers.split(","))
     for kind, why in skipped.items():
         print(f"{kind}: skipped ({why})")
     figures: dict[str, Any] = {}
+    pinned = workload.broker_on_own_core(list(sites)) if args.broker_own_core else nullcontext()
     try:
-        for kind, site in sites.items():
-            figures.update(measure(site, kind, args.tasks, args.rounds))
+        with pinned as placed:
+            if placed:
+                print(placed)
+            for kind, site in sites.items():
+                figures.update(measure(site, kind, args.tasks, args.rounds))
     finally:
         for site in sites.values():
             site.close()

@@ -256,6 +256,39 @@ def broker_pids(kind: str) -> list[int]:
     return [int(pid) for pid in found.stdout.split()]
 
 
+@contextmanager
+def broker_on_own_core(kinds: list[str]) -> Iterator[str]:
+    """The local brokers' processes on the last CPU core and this process (so every worker it
+    starts) on the others, restored afterwards: what the worker does when the broker runs on a
+    host of its own, where the broker's CPU no longer comes out of the worker's. Yields a
+    sentence for the report."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit("--broker-own-core needs at least 2 CPU cores")
+    broker_core, rest = cores[-1], cores[:-1]
+    saved: dict[int, set[int]] = {}
+    for pid in (pid for kind in kinds for pid in broker_pids(kind)):
+        for task in Path(f"/proc/{pid}/task").glob("*"):  # every thread: Erlang's schedulers
+            with suppress(OSError):
+                tid = int(task.name)
+                saved[tid] = os.sched_getaffinity(tid)
+                os.sched_setaffinity(tid, {broker_core})
+    if not saved:
+        raise SystemExit(f"--broker-own-core: no local broker process found for {kinds}")
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, set(rest))
+    try:
+        yield (
+            f"the brokers on CPU core {broker_core} alone, the benchmark and its workers on "
+            f"{', '.join(map(str, rest))}"
+        )
+    finally:
+        os.sched_setaffinity(0, mine)
+        for tid, affinity in saved.items():
+            with suppress(OSError):
+                os.sched_setaffinity(tid, affinity)
+
+
 def success(site: Site, task: str, tasks: int, *, events: bool | str = False) -> dict[str, Any]:
     """Tasks per second of a no-op ``task`` from the first task received to the last done."""
     with site.run(task.rsplit(".", 1)[-1], events=events) as run:

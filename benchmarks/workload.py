@@ -262,22 +262,22 @@ def broker_on_own_core(kinds: list[str]) -> Iterator[str]:
     starts) on the others, restored afterwards: what the worker does when the broker runs on a
     host of its own, where the broker's CPU no longer comes out of the worker's. Yields a
     sentence for the report."""
-    cores = sorted(os.sched_getaffinity(0))
+    mine = os.sched_getaffinity(0)
+    cores = sorted(mine)
     if len(cores) < 2:
         raise SystemExit("--broker-own-core needs at least 2 CPU cores")
     broker_core, rest = cores[-1], cores[:-1]
     saved: dict[int, set[int]] = {}
-    for pid in (pid for kind in kinds for pid in broker_pids(kind)):
-        for task in Path(f"/proc/{pid}/task").glob("*"):  # every thread: Erlang's schedulers
-            with suppress(OSError):
-                tid = int(task.name)
-                saved[tid] = os.sched_getaffinity(tid)
-                os.sched_setaffinity(tid, {broker_core})
-    if not saved:
-        raise SystemExit(f"--broker-own-core: no local broker process found for {kinds}")
-    mine = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, set(rest))
-    try:
+    try:  # whatever fails midway, what was pinned is put back
+        for pid in (pid for kind in kinds for pid in broker_pids(kind)):
+            for task in Path(f"/proc/{pid}/task").glob("*"):  # every thread: Erlang's schedulers
+                with suppress(OSError):
+                    tid = int(task.name)
+                    saved[tid] = os.sched_getaffinity(tid)
+                    os.sched_setaffinity(tid, {broker_core})
+        if not saved:
+            raise SystemExit(f"--broker-own-core: no local broker process found for {kinds}")
+        os.sched_setaffinity(0, set(rest))
         yield (
             f"the brokers on CPU core {broker_core} alone, the benchmark and its workers on "
             f"{', '.join(map(str, rest))}"

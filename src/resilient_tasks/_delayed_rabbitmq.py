@@ -105,6 +105,11 @@ class Topology:
     def names(self) -> list[str]:
         return [self.level(level) for level in range(BITS)]
 
+    def queues(self) -> list[str]:
+        """Every queue a delayed message waits in: the whole-second levels, then the library's
+        levels below a second (declared after them)."""
+        return [*self.names(), *map(self.fraction, FRACTION_LEVELS)]
+
     def declare(self, channel: Any) -> None:
         """Declare the levels and the delivery exchange as Kombu's
         ``declare_native_delayed_delivery_exchanges_and_queues`` does (idempotent)."""
@@ -463,14 +468,16 @@ def delaying_producer(producer: Any, app: Celery) -> Any:
 
 
 def level_counts(app: Celery, channel: Any) -> dict[str, int]:
-    """How many messages wait in each level queue of the app's topology (none: not declared)."""
+    """How many messages wait in each queue of the app's topology, the levels below a second
+    included (none: not declared)."""
     from amqp.exceptions import NotFound
 
     counts: dict[str, int] = {}
-    topology = Topology.of(app)
-    for name in topology.names():
+    for name in Topology.of(app).queues():
         try:
             counts[name] = channel.queue_declare(name, passive=True).message_count
         except NotFound:
-            return {}
+            # What is missing was declared with the rest of its kind, or after it: nothing more
+            # to count (and RabbitMQ has closed the channel).
+            break
     return counts

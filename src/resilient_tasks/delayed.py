@@ -456,8 +456,9 @@ class DelayedQueue:
 def delayed_stats(app: Celery) -> list[DelayedQueue]:
     """The delayed messages waiting on the app's broker: on Redis per destination queue, with
     the next due time and the count per task; on RabbitMQ per delay queue of the app's topology
-    (``celery_delayed_{L}`` holds what still waits 2**L seconds or more), without due times or
-    tasks, which RabbitMQ cannot show without taking the messages. An empty list on other
+    (``celery_delayed_{L}`` holds what still waits 2**L seconds or more, and
+    ``resilient_tasks_delayed_{ms}ms`` what waits out its delay below a second), without due
+    times or tasks, which RabbitMQ cannot show without taking the messages. An empty list on other
     transports, whose worker holds them.
 
     Example::

@@ -18,6 +18,7 @@ from resilient_tasks._delayed_rabbitmq import (
     bindable,
     destination,
     fraction_headers,
+    level_counts,
     restore_route,
     routing_key,
     split,
@@ -221,3 +222,29 @@ def test_a_message_starts_at_the_level_of_its_delays_highest_digit(
     seconds: int, exchange: str
 ) -> None:
     assert Topology().start(seconds) == exchange
+
+
+def test_what_waits_is_counted_in_the_levels_below_a_second_too() -> None:
+    # A delay of 2.75 s waits 512 ms and 256 ms before its 2-second level: stats, the CLI and
+    # the metrics gauge would miss it there.
+    from amqp.exceptions import NotFound
+
+    app = Celery("counts", broker="memory://", set_as_current=False)
+    app.conf.resilient_tasks_delayed_prefix = "t"
+    topology = Topology.of(app)
+    waiting = {topology.level(6): 3, topology.fraction(512): 2, topology.fraction(64): 1}
+
+    def queue_declare(name: str, passive: bool) -> Any:
+        if name not in declared:
+            raise NotFound(f"no queue {name!r}")
+        return SimpleNamespace(message_count=waiting.get(name, 0))
+
+    channel = SimpleNamespace(queue_declare=queue_declare)
+    declared = set(topology.queues())
+    assert {q: n for q, n in level_counts(app, channel).items() if n} == waiting
+
+    declared = set(topology.names())  # a topology declared before the levels below a second
+    assert {q: n for q, n in level_counts(app, channel).items() if n} == {topology.level(6): 3}
+
+    declared = set()
+    assert level_counts(app, channel) == {}
